@@ -1,0 +1,38 @@
+"""gcvit: GC ViT (Global Context Vision Transformer) with fused Triton (GPU) and C++ (CPU) kernels.
+
+The C++ CPU kernels in csrc/ are compiled with ninja on first use and cached
+(see gcvit_kernels/cpu.py), so `pip install -e .` needs no compiler step.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="gcvit",
+    version="0.1.0",
+    description="Global Context Vision Transformer with fused window-attention and Fused-MBConv kernels",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gcvit", "gcvit.*", "gcvit_kernels", "gcvit_kernels.*"]),
+    package_data={"gcvit_kernels": ["csrc/*.cpp", "csrc/*.h"]},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "ninja",
+        "safetensors",
+        "tqdm",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "timm>=1.0.20",
+            "torchvision",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
+            "matplotlib",
+        ],
+    },
+    entry_points={"console_scripts": ["gcvit=gcvit.__main__:main"]},
+)
