@@ -1,0 +1,116 @@
+"""The one place that decides, per call, between the fused kernels and the reference math.
+
+A module with ``fused = False`` always runs the reference path (:mod:`gcvit.functional`). With
+``fused = True`` the fused op runs when it supports the case: on CUDA the Triton kernels, on the CPU the
+C++ kernels of ``csrc/`` (compiled on first use); anything else (no kernel for the device, an unsupported
+head_dim or dtype, attention dropout in training, ...) runs the reference path with ONE warning per reason.
+
+``use_backend("triton")`` forces the Triton kernels also for CPU tensors: with ``TRITON_INTERPRET=1`` they
+then run in Triton's interpreter, which is how the CPU-only CI checks the whole fused model.
+"""
+import contextlib
+import importlib
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import functional as ref
+
+_warned = set()
+_forced_backend: Optional[str] = None
+
+
+def warn_once(what: str, reason: str) -> None:
+    if (what, reason) not in _warned:
+        _warned.add((what, reason))
+        warnings.warn(f"gcvit: fused {what} not used ({reason}); running the reference path", stacklevel=3)
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str]):
+    """Force a backend: "triton" runs the Triton kernels even on CPU tensors (interpreter); None = automatic."""
+    global _forced_backend
+    if backend not in (None, "triton"):
+        raise ValueError(f"unknown backend {backend!r}; expected None or 'triton'")
+    previous, _forced_backend = _forced_backend, backend
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _kernel_module(name: str):
+    try:
+        return importlib.import_module(f"gcvit_kernels.{name}"), None
+    except Exception as exc:  # triton missing or broken: the reference path still works
+        return None, f"gcvit_kernels.{name} could not be imported: {exc}"
+
+
+def _backend(module_name: str, op: str, device: torch.device) -> Tuple[Optional[object], Optional[str]]:
+    """(callable, None) for the fused implementation of ``op`` on ``device``, or (None, reason)."""
+    module, reason = _kernel_module(module_name)
+    if module is None:
+        return None, reason
+    if _forced_backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return None, "Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        return getattr(module, f"{op}_triton"), None
+    if device.type == "cuda":
+        return getattr(module, op), None
+    if device.type == "cpu":
+        cpu, reason = _kernel_module("cpu")
+        if cpu is None:
+            return None, reason
+        if not cpu.available():
+            return None, "the C++ CPU kernels are not built (see the warning from gcvit_kernels.cpu)"
+        return getattr(module, op), None
+    return None, f"no fused kernel for device type {device.type!r}"
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]) -> torch.Tensor:
+    """The attention of one block on a normalised (B, H, W, C) map; returns (B, H, W, C) after the projection."""
+    if not attn.fused:
+        return attn.forward_reference(x, global_query)
+    impl, reason = _backend("window_attention", "window_attention", x.device)
+    if impl is not None and attn.training and attn.attn_drop.p > 0:
+        impl, reason = None, "attention dropout is not fused"
+    if impl is None:
+        warn_once("window attention", reason)
+        return attn.forward_reference(x, global_query)
+    # the projections are per token, so they run on the whole map and the kernel reads windows in place
+    qkv = attn.qkv(x)
+    table = attn.rel_pos.relative_position_bias_table.to(qkv.dtype)
+    if global_query is not None:
+        global_query = global_query.to(qkv.dtype)
+    kernels, _ = _kernel_module("window_attention")
+    reason = kernels.unsupported_reason(qkv, table, attn.num_heads, attn.window_size, global_query)
+    if reason is None:
+        out = impl(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+    else:
+        warn_once("window attention", reason)
+        out = ref.window_attention(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+    return attn.proj_drop(attn.proj(out))
+
+
+def fused_mbconv(block, x: torch.Tensor) -> torch.Tensor:
+    """One Fused-MBConv block on an NCHW (or channels-last) map."""
+    weights = block.weights()
+    if block.fused:
+        impl, reason = _backend("mbconv", "fused_mbconv", x.device)
+        if impl is not None:
+            dtype = _autocast_dtype(x.device)
+            if dtype is not None:
+                x, weights = x.to(dtype), tuple(w.to(dtype) for w in weights)
+            reason = importlib.import_module("gcvit_kernels.mbconv").unsupported_reason(x, *weights)
+            if reason is None:
+                return impl(x, *weights)
+        warn_once("Fused-MBConv", reason)
+    return ref.fused_mbconv(x, *weights)
