@@ -76,23 +76,36 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
-def _load_tap(src_ptr, base, h, w, valid, H, W, stride_h, stride_w, TAP: tl.constexpr, ACC: tl.constexpr):
-    """src at pixel (h + TAP // 3 - 1, w + TAP % 3 - 1), zero outside the image (the conv's padding)."""
-    hh = h + (TAP // 3 - 1)
-    ww = w + (TAP % 3 - 1)
-    inside = valid & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-    return tl.load(src_ptr + base + hh * stride_h + ww * stride_w, mask=inside, other=0.0).to(ACC)
+def _load_tap(src_ptr, center, h, w, valid, H, W, stride_h, stride_w, TAP: tl.constexpr, ACC: tl.constexpr):
+    """src at pixel (h + TAP // 3 - 1, w + TAP % 3 - 1), zero outside the image (the conv's padding).
+
+    ``center`` is the offset of (h, w) itself; a tap only adds a scalar to it, and only the image
+    borders it can cross are tested (fewer ops per tap matters in the interpreter as on the GPU)."""
+    DH: tl.constexpr = TAP // 3 - 1
+    DW: tl.constexpr = TAP % 3 - 1
+    inside = valid
+    if DH == -1:
+        inside = inside & (h > 0)
+    if DH == 1:
+        inside = inside & (h < H - 1)
+    if DW == -1:
+        inside = inside & (w > 0)
+    if DW == 1:
+        inside = inside & (w < W - 1)
+    return tl.load(src_ptr + center + (DH * stride_h + DW * stride_w), mask=inside, other=0.0).to(ACC)
 
 
 @triton.jit
-def _dwconv3x3(src_ptr, w_ptr, base, c, h, w, valid, C, H, W, stride_h, stride_w, ACC: tl.constexpr):
-    """Depthwise 3x3 conv on a tile; ``base``, ``c``, ``h``, ``w``, ``valid`` broadcast to the tile's
-    shape, so the same helper serves (channel, pixel) and (pixel, channel) tiles. ``base`` is the
-    address offset of (image, channel); ``w_ptr`` is a contiguous (C, 9) weight."""
+def _dwconv3x3(src_ptr, w_ptr, center, c, h, w, valid, C, H, W, stride_h, stride_w, ACC: tl.constexpr):
+    """Depthwise 3x3 conv on a tile; ``center`` (offset of (image, channel, h, w)), ``c``, ``h``, ``w``
+    and ``valid`` broadcast to the tile's shape, so the same helper serves (channel, pixel) and
+    (pixel, channel) tiles. ``w_ptr`` is a contiguous (C, 9) weight."""
+    w_row = w_ptr + c * 9
+    c_valid = c < C
     acc = tl.where(valid, 0.0, 0.0).to(ACC)
     for tap in tl.static_range(9):
-        weight = tl.load(w_ptr + c * 9 + tap, mask=c < C, other=0.0).to(ACC)
-        acc += weight * _load_tap(src_ptr, base, h, w, valid, H, W, stride_h, stride_w, tap, ACC)
+        weight = tl.load(w_row + tap, mask=c_valid, other=0.0).to(ACC)
+        acc += weight * _load_tap(src_ptr, center, h, w, valid, H, W, stride_h, stride_w, tap, ACC)
     return acc
 
 
@@ -122,8 +135,8 @@ def _dwconv_gelu_pool_kernel(
     h = p // W
     w = p % W
     valid = (c[:, None] < C) & (p[None, :] < H * W)
-    d = _dwconv3x3(x_ptr, dw_ptr, b * stride_xb + c[:, None] * stride_xc, c[:, None], h[None, :], w[None, :],
-                   valid, C, H, W, stride_xh, stride_xw, ACC)
+    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
     # outside the tile d is exactly 0 (every load masked) and gelu(0) = 0, so the sum needs no mask
     t_sum = tl.sum(_gelu(d), axis=1)
     tl.store(partial_ptr + (b * tl.num_programs(0) + pid_p) * C + c, t_sum, mask=c < C)
@@ -147,17 +160,18 @@ def _pw_conv_kernel(
     h = p // W
     w = p % W
     p_valid = p < H * W
+    pix_offs = b * stride_xb + (h * stride_xh + w * stride_xw)[None, :]
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=ACC)
     for k0 in range(0, C, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         weight = tl.load(pw_ptr + o[:, None] * C + c[None, :], mask=(o[:, None] < C) & (c[None, :] < C), other=0.0)
         valid = (c[:, None] < C) & p_valid[None, :]
-        d = _dwconv3x3(x_ptr, dw_ptr, b * stride_xb + c[:, None] * stride_xc, c[:, None], h[None, :], w[None, :],
+        d = _dwconv3x3(x_ptr, dw_ptr, pix_offs + c[:, None] * stride_xc, c[:, None], h[None, :], w[None, :],
                        valid, C, H, W, stride_xh, stride_xw, ACC)
         gate = tl.load(gate_ptr + b * C + c, mask=c < C, other=0.0)
         u = (_gelu(d) * gate[:, None]).to(weight.dtype)
         acc = tl.dot(weight, u, acc, input_precision="ieee", out_dtype=ACC)
-    out_offs = b * stride_xb + o[:, None] * stride_xc + h[None, :] * stride_xh + w[None, :] * stride_xw
+    out_offs = pix_offs + o[:, None] * stride_xc
     out_mask = (o[:, None] < C) & p_valid[None, :]
     residual = tl.load(x_ptr + out_offs, mask=out_mask, other=0.0).to(ACC)
     tl.store(y_ptr + out_offs, (acc + residual).to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -181,19 +195,18 @@ def _pw_conv_grad_input_kernel(
     h = p // W
     w = p % W
     p_valid = p < H * W
+    grad_out_pix = b * stride_gb + (h * stride_gh + w * stride_gw)[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for k0 in range(0, C, BLOCK_K):
         o = k0 + tl.arange(0, BLOCK_K)
         weight_t = tl.load(pw_ptr + o[None, :] * C + c[:, None], mask=(o[None, :] < C) & (c[:, None] < C), other=0.0)
-        grad_out = tl.load(
-            grad_out_ptr + b * stride_gb + o[:, None] * stride_gc + h[None, :] * stride_gh + w[None, :] * stride_gw,
-            mask=(o[:, None] < C) & p_valid[None, :], other=0.0)
+        grad_out = tl.load(grad_out_ptr + grad_out_pix + o[:, None] * stride_gc,
+                           mask=(o[:, None] < C) & p_valid[None, :], other=0.0)
         acc = tl.dot(weight_t, grad_out, acc, input_precision="ieee", out_dtype=ACC)
     valid = (c[:, None] < C) & p_valid[None, :]
-    offs = b * stride_xb + c[:, None] * stride_xc + h[None, :] * stride_xh + w[None, :] * stride_xw
-    tl.store(grad_u_ptr + offs, acc, mask=valid)
-    d = _dwconv3x3(x_ptr, dw_ptr, b * stride_xb + c[:, None] * stride_xc, c[:, None], h[None, :], w[None, :],
-                   valid, C, H, W, stride_xh, stride_xw, ACC)
+    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    tl.store(grad_u_ptr + x_offs, acc, mask=valid)
+    d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
     # acc is 0 outside the tile (masked operands), so the product needs no mask
     tl.store(partial_ptr + (b * tl.num_programs(0) + pid_p) * C + c, tl.sum(acc * _gelu(d), axis=1), mask=c < C)
 
@@ -210,31 +223,29 @@ def _pw_conv_grad_weight_kernel(
     with k = b * H*W + p flattened over images and pixels, t = gelu(dwconv3x3(x)) rebuilt per chunk."""
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2).to(tl.int64)
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     num_pixels = H * W
     acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=ACC)
-    k_start = split.to(tl.int64) * K_PER_SPLIT
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
+        k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
         k_valid = k < K
         b = k // num_pixels
         p = k % num_pixels
         h = p // W
         w = p % W
-        grad_out = tl.load(
-            grad_out_ptr + b[None, :] * stride_gb + o[:, None] * stride_gc + h[None, :] * stride_gh
-            + w[None, :] * stride_gw,
-            mask=(o[:, None] < C) & k_valid[None, :], other=0.0)
+        grad_out = tl.load(grad_out_ptr + (b * stride_gb + h * stride_gh + w * stride_gw)[None, :] + o[:, None] * stride_gc,
+                           mask=(o[:, None] < C) & k_valid[None, :], other=0.0)
         valid = k_valid[:, None] & (c[None, :] < C)
-        d = _dwconv3x3(x_ptr, dw_ptr, b[:, None] * stride_xb + c[None, :] * stride_xc, c[None, :], h[:, None],
-                       w[:, None], valid, C, H, W, stride_xh, stride_xw, ACC)
+        x_offs = (b * stride_xb + h * stride_xh + w * stride_xw)[:, None] + c[None, :] * stride_xc
+        d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[None, :], h[:, None], w[:, None], valid, C, H, W,
+                       stride_xh, stride_xw, ACC)
         gate = tl.load(gate_ptr + b[:, None] * C + c[None, :], mask=valid, other=0.0)
         u = (_gelu(d) * gate).to(grad_out.dtype)
         acc = tl.dot(grad_out, u, acc, input_precision="ieee", out_dtype=ACC)
     mask = (o[:, None] < C) & (c[None, :] < C)
-    tl.store(partial_ptr + split.to(tl.int64) * C * C + o[:, None] * C + c[None, :], acc, mask=mask)
+    tl.store(partial_ptr + split * C * C + o[:, None] * C + c[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -256,18 +267,17 @@ def _dwconv_grad_kernel(
     w = p % W
     c_valid = c < C
     valid = c_valid[:, None] & (p[None, :] < H * W)
-    base = b * stride_xb + c[:, None] * stride_xc
-    offs = base + h[None, :] * stride_xh + w[None, :] * stride_xw
-    d = _dwconv3x3(x_ptr, dw_ptr, base, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
-    grad_u = tl.load(grad_u_ptr + offs, mask=valid, other=0.0)
+    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
+    grad_u = tl.load(grad_u_ptr + x_offs, mask=valid, other=0.0)
     gate = tl.load(gate_ptr + b * C + c, mask=c_valid, other=0.0)
     grad_pool = tl.load(grad_pool_ptr + b * C + c, mask=c_valid, other=0.0)
     # grad_pool reaches every pixel, so positions outside the tile must be zeroed explicitly
     grad_d = tl.where(valid, (grad_u * gate[:, None] + grad_pool[:, None]) * _gelu_grad(d), 0.0)
-    tl.store(grad_d_ptr + offs, grad_d, mask=valid)
+    tl.store(grad_d_ptr + x_offs, grad_d, mask=valid)
     partial_row = (b * tl.num_programs(0) + pid_p) * C + c
     for tap in tl.static_range(9):
-        shifted = _load_tap(x_ptr, base, h[None, :], w[None, :], valid, H, W, stride_xh, stride_xw, tap, ACC)
+        shifted = _load_tap(x_ptr, x_offs, h[None, :], w[None, :], valid, H, W, stride_xh, stride_xw, tap, ACC)
         tl.store(partial_ptr + partial_row * 9 + tap, tl.sum(grad_d * shifted, axis=1), mask=c_valid)
 
 
@@ -288,14 +298,12 @@ def _dwconv_transpose_residual_kernel(
     h = p // W
     w = p % W
     valid = (c[:, None] < C) & (p[None, :] < H * W)
-    base = b * stride_xb + c[:, None] * stride_xc
-    acc = _dwconv3x3(grad_d_ptr, flipped_dw_ptr, base, c[:, None], h[None, :], w[None, :], valid, C, H, W,
+    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    acc = _dwconv3x3(grad_d_ptr, flipped_dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W,
                      stride_xh, stride_xw, ACC)
-    grad_out = tl.load(
-        grad_out_ptr + b * stride_gb + c[:, None] * stride_gc + h[None, :] * stride_gh + w[None, :] * stride_gw,
-        mask=valid, other=0.0).to(ACC)
-    offs = base + h[None, :] * stride_xh + w[None, :] * stride_xw
-    tl.store(grad_x_ptr + offs, (acc + grad_out).to(grad_x_ptr.dtype.element_ty), mask=valid)
+    grad_out_offs = b * stride_gb + c[:, None] * stride_gc + (h * stride_gh + w * stride_gw)[None, :]
+    grad_out = tl.load(grad_out_ptr + grad_out_offs, mask=valid, other=0.0).to(ACC)
+    tl.store(grad_x_ptr + x_offs, (acc + grad_out).to(grad_x_ptr.dtype.element_ty), mask=valid)
 
 
 # --------------------------------------------------------------------------------------------------
