@@ -1,0 +1,562 @@
+// CPU kernels for GC ViT's fused ops (window attention, Fused-MBConv) and a few neighbours
+// (Linear + exact GELU, LayerNorm + Linear).
+//
+// Built by gcvit_kernels/cpu.py with torch.utils.cpp_extension.load; the vector width comes from
+// at::vec::Vectorized<float> under the CPU_CAPABILITY chosen there (AVX2 build with -mavx2 -mfma
+// when the running CPU has it, the generic DEFAULT build otherwise), so a cached build never runs
+// instructions the CPU lacks.
+//
+// Layouts are the ones documented in gcvit/functional.py. All arithmetic is fp32; bf16 inputs are
+// widened on load and rounded on store. Every kernel is deterministic and gives bit-identical
+// results for any thread count (each output element is produced by exactly one task, reductions
+// run in a fixed order).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n, float mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+inline Vec gelu_vec(const Vec& x) {
+  const Vec half(0.5f), one(1.0f), rsqrt2(static_cast<float>(M_SQRT1_2));
+  return x * half * (one + (x * rsqrt2).erf());
+}
+
+inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * static_cast<float>(M_SQRT1_2))); }
+
+// ------------------------------------------------------------------------------------------------
+// Window attention
+// ------------------------------------------------------------------------------------------------
+
+// S[i, j0 : j0 + JV*VL] (R rows) = Q[i, :] . Kt[:, j] + bias[i, j]
+template <int R, int JV>
+inline void qk_block(const float* q, int64_t d, const float* kt, int64_t np, const float* bias, float* s,
+                     int64_t i0, int64_t j0) {
+  Vec acc[R][JV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < JV; ++v) acc[r][v] = Vec(0.f);
+  for (int64_t k = 0; k < d; ++k) {
+    const float* krow = kt + k * np + j0;
+    Vec kv[JV];
+    for (int v = 0; v < JV; ++v) kv[v] = Vec::loadu(krow + v * VL);
+    for (int r = 0; r < R; ++r) {
+      Vec a(q[(i0 + r) * d + k]);
+      for (int v = 0; v < JV; ++v) acc[r][v] = at::vec::fmadd(a, kv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < JV; ++v) {
+      const int64_t off = (i0 + r) * np + j0 + v * VL;
+      (acc[r][v] + Vec::loadu(bias + off)).store(s + off);
+    }
+}
+
+template <int R>
+inline void qk_rows(const float* q, int64_t d, const float* kt, int64_t np, const float* bias, float* s, int64_t i0) {
+  constexpr int JV = 4;
+  int64_t j0 = 0;
+  const int64_t nvec = np / VL;
+  int64_t done = 0;
+  for (; done + JV <= nvec; done += JV, j0 += JV * VL) qk_block<R, JV>(q, d, kt, np, bias, s, i0, j0);
+  switch (nvec - done) {
+    case 3: qk_block<R, 3>(q, d, kt, np, bias, s, i0, j0); break;
+    case 2: qk_block<R, 2>(q, d, kt, np, bias, s, i0, j0); break;
+    case 1: qk_block<R, 1>(q, d, kt, np, bias, s, i0, j0); break;
+    default: break;
+  }
+}
+
+// O[i, v-chunk] (R rows) = sum_j P[i, j] V[j, :]
+template <int R, int DV>
+inline void pv_block(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i0,
+                     int64_t c0) {
+  Vec acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < DV; ++u) acc[r][u] = Vec(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vrow = v + j * dp + c0;
+    Vec vv[DV];
+    for (int u = 0; u < DV; ++u) vv[u] = Vec::loadu(vrow + u * VL);
+    for (int r = 0; r < R; ++r) {
+      Vec a(p[(i0 + r) * np + j]);
+      for (int u = 0; u < DV; ++u) acc[r][u] = at::vec::fmadd(a, vv[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < DV; ++u) acc[r][u].store(o + (i0 + r) * dp + c0 + u * VL);
+}
+
+template <int R>
+inline void pv_rows(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i0) {
+  constexpr int DV = 4;
+  const int64_t nvec = dp / VL;
+  int64_t done = 0;
+  for (; done + DV <= nvec; done += DV) pv_block<R, DV>(p, np, n, v, dp, o, i0, done * VL);
+  switch (nvec - done) {
+    case 3: pv_block<R, 3>(p, np, n, v, dp, o, i0, done * VL); break;
+    case 2: pv_block<R, 2>(p, np, n, v, dp, o, i0, done * VL); break;
+    case 1: pv_block<R, 1>(p, np, n, v, dp, o, i0, done * VL); break;
+    default: break;
+  }
+}
+
+// bias[h, i, j] (heads, N, Np) from the table ((2wh-1)(2ww-1), heads); -inf in the padding columns.
+at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_t ww, int64_t np) {
+  const int64_t n = wh * ww;
+  auto tab = table.to(at::kFloat).contiguous();
+  auto bias = at::empty({heads, n, np}, tab.options());
+  const float* tp = tab.data_ptr<float>();
+  float* bp = bias.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = bp + (h * n + i) * np;
+      const int64_t yi = i / ww, xi = i % ww;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t yj = j / ww, xj = j % ww;
+        const int64_t idx = (yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1);
+        row[j] = tp[idx * heads + h];
+      }
+      for (int64_t j = n; j < np; ++j) row[j] = ninf;
+    }
+  return bias;
+}
+
+template <typename T>
+void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor* gq, int64_t heads, int64_t wh,
+                   int64_t ww, float scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2);
+  const int64_t S = gq ? 2 : 3;
+  const int64_t C = qkv.size(3) / S;
+  const int64_t d = C / heads;
+  const int64_t n = wh * ww;
+  const int64_t np = round_up(n, VL);
+  const int64_t dp = round_up(d, VL);
+  const int64_t nwy = H / wh, nwx = W / ww, nwin = nwy * nwx;
+  const int64_t nw_total = B * nwin;
+  const int64_t G = gq ? gq->size(0) : 1;
+  const int64_t per_g = nw_total / G;
+  const int64_t sB = qkv.stride(0), sH = qkv.stride(1), sW = qkv.stride(2);
+  const T* base = qkv.data_ptr<T>();
+  const T* gbase = gq ? gq->data_ptr<T>() : nullptr;
+  const float* biasp = bias.data_ptr<float>();
+  T* outp = out.data_ptr<T>();
+  float* lsep = lse.data_ptr<float>();
+
+  at::parallel_for(0, nw_total * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(round_up(n, 4) * d + VL), ktbuf(d * np), vbuf(n * dp, 0.f), sbuf(round_up(n, 4) * np),
+        obuf(round_up(n, 4) * dp);
+    std::fill(qbuf.begin(), qbuf.end(), 0.f);
+    std::fill(ktbuf.begin(), ktbuf.end(), 0.f);
+    float* qb = qbuf.data();
+    float* ktb = ktbuf.data();
+    float* vb = vbuf.data();
+    float* sb = sbuf.data();
+    float* ob = obuf.data();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t w = task / heads, h = task % heads;
+      const int64_t b = w / nwin, r = w % nwin, wy = r / nwx, wx = r % nwx;
+      // pack Q (scaled), K^T, V
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
+        const T* px = base + b * sB + y * sH + x * sW;
+        const T* kp = px + (S - 2) * C + h * d;
+        const T* vp = px + (S - 1) * C + h * d;
+        const T* qp = gq ? gbase + ((w / per_g) * n + t) * C + h * d : px + h * d;
+        load_row(qp, qb + t * d, d, scale);
+        for (int64_t k = 0; k < d; ++k) ktb[k * np + t] = static_cast<float>(kp[k]);
+        load_row(vp, vb + t * dp, d, 1.f);
+      }
+      const float* bh = biasp + h * n * np;
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) qk_rows<4>(qb, d, ktb, np, bh, sb, i);
+      for (; i < n; ++i) qk_rows<1>(qb, d, ktb, np, bh, sb, i);
+      // softmax rows (unnormalised), keep 1/sum for the output
+      float inv[1024];
+      float* invp = n <= 1024 ? inv : nullptr;
+      std::vector<float> inv_heap;
+      if (!invp) {
+        inv_heap.resize(n);
+        invp = inv_heap.data();
+      }
+      for (int64_t ii = 0; ii < n; ++ii) {
+        float* row = sb + ii * np;
+        Vec vmax(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+        const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+        const Vec mv(m);
+        Vec vsum(0.f);
+        for (int64_t j = 0; j < np; j += VL) {
+          Vec e = (Vec::loadu(row + j) - mv).exp();
+          e.store(row + j);
+          vsum = vsum + e;
+        }
+        const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+        invp[ii] = 1.f / ssum;
+        lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
+      }
+      i = 0;
+      for (; i + 4 <= n; i += 4) pv_rows<4>(sb, np, n, vb, dp, ob, i);
+      for (; i < n; ++i) pv_rows<1>(sb, np, n, vb, dp, ob, i);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
+        T* op = outp + ((b * H + y) * W + x) * C + h * d;
+        const float sc = invp[t];
+        const float* orow = ob + t * dp;
+        for (int64_t k = 0; k < d; ++k) op[k] = static_cast<T>(orow[k] * sc);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> window_attention_fwd(const at::Tensor& qkv, const at::Tensor& table,
+                                             const c10::optional<at::Tensor>& global_query, int64_t heads,
+                                             int64_t wh, int64_t ww, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu(), "gcvit cpu window_attention_fwd: qkv must be a CPU tensor");
+  TORCH_CHECK(qkv.dim() == 4, "gcvit cpu window_attention_fwd: qkv must be (B, H, W, S*C), got ", qkv.sizes());
+  TORCH_CHECK(qkv.stride(3) == 1, "gcvit cpu window_attention_fwd: qkv's last dim must have stride 1");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
+              "gcvit cpu window_attention_fwd: dtype must be float32 or bfloat16, got ", qkv.scalar_type());
+  TORCH_CHECK(heads > 0 && wh > 0 && ww > 0, "gcvit cpu window_attention_fwd: bad num_heads/window");
+  const bool global = global_query.has_value() && global_query->defined();
+  const int64_t S = global ? 2 : 3;
+  TORCH_CHECK(qkv.size(3) % (S * heads) == 0, "gcvit cpu window_attention_fwd: last dim ", qkv.size(3),
+              " not divisible by S*heads = ", S * heads);
+  TORCH_CHECK(qkv.size(1) % wh == 0 && qkv.size(2) % ww == 0, "gcvit cpu window_attention_fwd: map ",
+              qkv.size(1), "x", qkv.size(2), " not divisible by window ", wh, "x", ww);
+  const int64_t C = qkv.size(3) / S;
+  const int64_t n = wh * ww;
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == (2 * wh - 1) * (2 * ww - 1) && table.size(1) == heads,
+              "gcvit cpu window_attention_fwd: rel_pos_bias_table must be (", (2 * wh - 1) * (2 * ww - 1), ", ",
+              heads, "), got ", table.sizes());
+  const int64_t T = qkv.size(0) * (qkv.size(1) / wh) * (qkv.size(2) / ww);
+  at::Tensor gq;
+  if (global) {
+    gq = global_query->contiguous();
+    TORCH_CHECK(gq.scalar_type() == qkv.scalar_type(), "gcvit cpu window_attention_fwd: global_query dtype");
+    TORCH_CHECK(gq.numel() % (n * C) == 0 && gq.size(0) * n * C == gq.numel() && gq.size(0) > 0,
+                "gcvit cpu window_attention_fwd: global_query must be (G, wh, ww, C) or (G, N, C), got ",
+                gq.sizes());
+    TORCH_CHECK(T % gq.size(0) == 0, "gcvit cpu window_attention_fwd: ", T, " windows not divisible by G = ",
+                gq.size(0));
+  }
+  auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2), C}, qkv.options());
+  auto lse = at::empty({T, heads, n}, qkv.options().dtype(at::kFloat));
+  if (qkv.numel() == 0 || T == 0) return {out, lse};
+  const int64_t np = round_up(n, VL);
+  auto bias = build_bias(table, heads, wh, ww, np);
+  const float sc = static_cast<float>(scale);
+  if (qkv.scalar_type() == at::kFloat)
+    attn_fwd_impl<float>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
+  else
+    attn_fwd_impl<c10::BFloat16>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fused-MBConv: t = gelu(dwconv3x3(x)) with per-image channel sums, in one pass over x.
+// ------------------------------------------------------------------------------------------------
+
+// NCHW: one task per (b, c) plane; the plane is copied into a zero-padded fp32 tile.
+template <typename T>
+void dw_gelu_pool_nchw(const at::Tensor& x, const at::Tensor& w9, at::Tensor& t, at::Tensor& sums) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const T* xp = x.data_ptr<T>();
+  T* tp = t.data_ptr<T>();
+  const float* wp = w9.data_ptr<float>();  // (C, 9)
+  float* sp = sums.data_ptr<float>();      // (B, C)
+  const int64_t Wp = W + 2 + VL;           // padded row (+VL slack for full-vector loads)
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pad((H + 2) * Wp, 0.f), orow(round_up(W, VL));
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t c = bc % C;
+      const T* plane = xp + bc * H * W;
+      for (int64_t y = 0; y < H; ++y) load_row(plane + y * W, pad.data() + (y + 1) * Wp + 1, W, 1.f);
+      const float* wc = wp + c * 9;
+      Vec wv[9];
+      for (int k = 0; k < 9; ++k) wv[k] = Vec(wc[k]);
+      Vec vsum(0.f);
+      float tail_sum = 0.f;
+      const int64_t Wv = W / VL * VL;
+      for (int64_t y = 0; y < H; ++y) {
+        const float* r0 = pad.data() + y * Wp;
+        const float* r1 = r0 + Wp;
+        const float* r2 = r1 + Wp;
+        T* trow = tp + bc * H * W + y * W;
+        for (int64_t x0 = 0; x0 < W; x0 += VL) {
+          Vec a = wv[0] * Vec::loadu(r0 + x0);
+          a = at::vec::fmadd(wv[1], Vec::loadu(r0 + x0 + 1), a);
+          a = at::vec::fmadd(wv[2], Vec::loadu(r0 + x0 + 2), a);
+          a = at::vec::fmadd(wv[3], Vec::loadu(r1 + x0), a);
+          a = at::vec::fmadd(wv[4], Vec::loadu(r1 + x0 + 1), a);
+          a = at::vec::fmadd(wv[5], Vec::loadu(r1 + x0 + 2), a);
+          a = at::vec::fmadd(wv[6], Vec::loadu(r2 + x0), a);
+          a = at::vec::fmadd(wv[7], Vec::loadu(r2 + x0 + 1), a);
+          a = at::vec::fmadd(wv[8], Vec::loadu(r2 + x0 + 2), a);
+          a = gelu_vec(a);
+          if (x0 < Wv) {
+            if constexpr (std::is_same_v<T, float>) {
+              a.store(trow + x0);
+              vsum = vsum + a;
+            } else {
+              a.store(orow.data() + x0);
+              vsum = vsum + Vec::loadu(orow.data() + x0);
+              store_row(orow.data() + x0, trow + x0, VL);
+            }
+          } else {
+            a.store(orow.data() + x0);
+            for (int64_t k = 0; k < W - x0; ++k) tail_sum += orow[x0 + k];
+            store_row(orow.data() + x0, trow + x0, W - x0);
+          }
+        }
+      }
+      const float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum) + tail_sum;
+      sp[bc] = s;
+    }
+  });
+}
+
+// channels_last: one task per (b, y) row, vectorised over channels; row sums to a (B, H, C) buffer
+// which is reduced over H in a fixed order afterwards.
+template <typename T>
+void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t, at::Tensor& sums) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const T* xp = x.data_ptr<T>();  // memory (B, H, W, C)
+  T* tp = t.data_ptr<T>();
+  const float* wp = w9t.data_ptr<float>();  // (9, C)
+  auto rows = at::empty({B, H, C}, x.options().dtype(at::kFloat));
+  float* rp = rows.data_ptr<float>();
+  const int64_t Cv = C / VL * VL;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t Cp = round_up(C, VL);
+    std::vector<float> in(3 * (W + 2) * Cp, 0.f), acc(Cp), rsum(Cp);
+    for (int64_t by = begin; by < end; ++by) {
+      const int64_t b = by / H, y = by % H;
+      // three padded input rows in fp32
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        const int64_t yy = y + ky - 1;
+        float* dst = in.data() + ky * (W + 2) * Cp;
+        if (yy < 0 || yy >= H) {
+          std::fill(dst, dst + (W + 2) * Cp, 0.f);
+          continue;
+        }
+        std::fill(dst, dst + Cp, 0.f);
+        std::fill(dst + (W + 1) * Cp, dst + (W + 2) * Cp, 0.f);
+        const T* src = xp + ((b * H + yy) * W) * C;
+        for (int64_t xx = 0; xx < W; ++xx) load_row(src + xx * C, dst + (xx + 1) * Cp, C, 1.f);
+      }
+      std::fill(rsum.begin(), rsum.end(), 0.f);
+      T* trow = tp + ((b * H + y) * W) * C;
+      for (int64_t xx = 0; xx < W; ++xx) {
+        for (int64_t c = 0; c < Cp; c += VL) {
+          Vec a(0.f);
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const float* ir = in.data() + (ky * (W + 2) + xx) * Cp + c;
+            for (int64_t kx = 0; kx < 3; ++kx)
+              a = at::vec::fmadd(Vec::loadu(wp + (ky * 3 + kx) * C + c, std::min<int64_t>(VL, C - c)),
+                                 Vec::loadu(ir + kx * Cp), a);
+          }
+          a = gelu_vec(a);
+          a.store(acc.data() + c);
+        }
+        // padded lanes (c >= C) have zero weights, so gelu(0) = 0 there
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t c = 0; c < Cv; c += VL) {
+            Vec a = Vec::loadu(acc.data() + c);
+            a.store(trow + xx * C + c);
+            (Vec::loadu(rsum.data() + c) + a).store(rsum.data() + c);
+          }
+          for (int64_t c = Cv; c < C; ++c) {
+            trow[xx * C + c] = acc[c];
+            rsum[c] += acc[c];
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            trow[xx * C + c] = static_cast<T>(acc[c]);
+            rsum[c] += acc[c];
+          }
+        }
+      }
+      std::copy(rsum.begin(), rsum.begin() + C, rp + by * C);
+    }
+  });
+  sums.copy_(rows.sum(1));
+}
+
+at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at::Tensor& se_r, const at::Tensor& se_e,
+                            const at::Tensor& pw) {
+  TORCH_CHECK(x.device().is_cpu(), "gcvit cpu fused_mbconv_fwd: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "gcvit cpu fused_mbconv_fwd: x must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gcvit cpu fused_mbconv_fwd: dtype must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(dw.dim() == 4 && dw.size(0) == C && dw.size(1) == 1 && dw.size(2) == 3 && dw.size(3) == 3,
+              "gcvit cpu fused_mbconv_fwd: dw_weight must be (C, 1, 3, 3), got ", dw.sizes());
+  TORCH_CHECK(se_r.dim() == 4 && se_r.size(1) == C && se_r.size(2) == 1 && se_r.size(3) == 1,
+              "gcvit cpu fused_mbconv_fwd: se_reduce_weight must be (C_rd, C, 1, 1), got ", se_r.sizes());
+  const int64_t R = se_r.size(0);
+  TORCH_CHECK(se_e.dim() == 4 && se_e.size(0) == C && se_e.size(1) == R && se_e.size(2) == 1 && se_e.size(3) == 1,
+              "gcvit cpu fused_mbconv_fwd: se_expand_weight must be (C, C_rd, 1, 1), got ", se_e.sizes());
+  TORCH_CHECK(pw.dim() == 4 && pw.size(0) == C && pw.size(1) == C && pw.size(2) == 1 && pw.size(3) == 1,
+              "gcvit cpu fused_mbconv_fwd: pw_weight must be (C, C, 1, 1), got ", pw.sizes());
+  if (x.numel() == 0) return x.clone();
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor t = at::empty_like(xc, xc.options(), fmt);
+  at::Tensor sums = at::empty({B, C}, x.options().dtype(at::kFloat));
+  at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
+  if (cl) {
+    at::Tensor w9t = w9.t().contiguous();
+    if (x.scalar_type() == at::kFloat)
+      dw_gelu_pool_nhwc<float>(xc, w9t, t, sums);
+    else
+      dw_gelu_pool_nhwc<c10::BFloat16>(xc, w9t, t, sums);
+  } else {
+    if (x.scalar_type() == at::kFloat)
+      dw_gelu_pool_nchw<float>(xc, w9, t, sums);
+    else
+      dw_gelu_pool_nchw<c10::BFloat16>(xc, w9, t, sums);
+  }
+  // gate (B, C) = sigmoid(W2 gelu(W1 mean)), fp32
+  at::Tensor mean = sums / static_cast<double>(H * W);
+  at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C});
+  at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R});
+  at::Tensor gate = at::sigmoid(at::mm(at::gelu(at::mm(mean, w1.t())), w2.t()));
+  // fold the gate into the 1x1 conv weight per image: Wb[o, i] = pw[o, i] * gate[b, i]
+  at::Tensor wf = (pw.to(at::kFloat).reshape({1, C, C}) * gate.unsqueeze(1)).to(x.scalar_type());
+  if (cl) {
+    // memory (B, HW, C): y = x + t @ Wb^T, the residual is the GEMM's beta=1 input
+    at::Tensor x3 = xc.permute({0, 2, 3, 1}).reshape({B, H * W, C});
+    at::Tensor t3 = t.permute({0, 2, 3, 1}).reshape({B, H * W, C});
+    at::Tensor y = at::baddbmm(x3, t3, wf.transpose(1, 2));
+    return y.view({B, H, W, C}).permute({0, 3, 1, 2});
+  }
+  at::Tensor y = at::baddbmm(xc.view({B, C, H * W}), wf, t.view({B, C, H * W}));
+  return y.view({B, C, H, W});
+}
+
+// ------------------------------------------------------------------------------------------------
+// Linear + exact GELU: y = gelu(x @ W^T + b), GEMM and epilogue per row block while it is in cache.
+// ------------------------------------------------------------------------------------------------
+
+at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       int64_t block_rows) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu linear_gelu: shapes ", x.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "gcvit cpu linear_gelu: float32 only");
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor xc = x.contiguous();
+  at::Tensor wt = w.t();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool has_b = bias.has_value() && bias->defined();
+  at::Tensor bc = has_b ? bias->contiguous() : at::Tensor();
+  const int64_t nblk = (M + block_rows - 1) / block_rows;
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block_rows, r1 = std::min(M, r0 + block_rows);
+      at::Tensor yb = y.narrow(0, r0, r1 - r0);
+      if (has_b)
+        at::addmm_out(yb, bc, xc.narrow(0, r0, r1 - r0), wt);
+      else
+        at::mm_out(yb, xc.narrow(0, r0, r1 - r0), wt);
+      float* p = yb.data_ptr<float>();
+      const int64_t cnt = (r1 - r0) * N;
+      at::vec::map([](Vec v) { return gelu_vec(v); }, p, p, cnt);
+    }
+  });
+  return y;
+}
+
+// LayerNorm (over the last dim, eps, affine) fused into the next Linear's input: per row block the
+// normalised rows live only in a thread-local buffer.
+at::Tensor layernorm_linear(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b, double eps,
+                            const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t block_rows) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu layernorm_linear: shapes ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "gcvit cpu layernorm_linear: float32 only");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xc = x.contiguous();
+  at::Tensor g = ln_w.to(at::kFloat).contiguous(), be = ln_b.to(at::kFloat).contiguous();
+  at::Tensor wt = w.t();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool has_b = bias.has_value() && bias->defined();
+  at::Tensor bc = has_b ? bias->contiguous() : at::Tensor();
+  const int64_t nblk = (M + block_rows - 1) / block_rows;
+  const float* xp = xc.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* bp = be.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({block_rows, K}, x.options());
+    float* nb = buf.data_ptr<float>();
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block_rows, r1 = std::min(M, r0 + block_rows);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = xp + r * K;
+        float* o = nb + (r - r0) * K;
+        const float mean =
+            at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, row, K) / static_cast<float>(K);
+        const Vec mv(mean);
+        at::vec::map([mv](Vec v) { return v - mv; }, o, row, K);
+        const float var =
+            at::vec::map_reduce_all<float>([](Vec v) { return v * v; }, [](Vec& a, Vec& b) { return a + b; }, o, K) /
+            static_cast<float>(K);
+        const Vec rs(1.f / std::sqrt(var + static_cast<float>(eps)));
+        at::vec::map3<float>([rs](Vec v, Vec gg, Vec bb) { return at::vec::fmadd(v * rs, gg, bb); }, o, o, gp, bp,
+                             K);
+      }
+      at::Tensor in = buf.narrow(0, 0, r1 - r0);
+      at::Tensor yb = y.narrow(0, r0, r1 - r0);
+      if (has_b)
+        at::addmm_out(yb, bc, in, wt);
+      else
+        at::mm_out(yb, in, wt);
+    }
+  });
+  return y;
+}
+
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("window_attention_fwd", &window_attention_fwd, "window attention forward (CPU)");
+  m.def("fused_mbconv_fwd", &fused_mbconv_fwd, "Fused-MBConv forward (CPU)");
+  m.def("linear_gelu", &linear_gelu, "gelu(x @ w^T + b), row-blocked (CPU)");
+  m.def("layernorm_linear", &layernorm_linear, "linear(layer_norm(x)), row-blocked (CPU)");
+  m.def("capability", &capability, "vector ISA this build was compiled for");
+  m.def("vec_size", []() { return VL; });
+}
