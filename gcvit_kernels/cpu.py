@@ -101,13 +101,17 @@ def load():
             variant, flags = _variant()
             build_dir = build_directory()
             os.makedirs(build_dir, exist_ok=True)
-            _ext = _cpp_load(
-                name=f"gcvit_cpu_{variant}",
-                sources=srcs,
-                extra_cflags=["-O3", "-fno-math-errno", *flags],
-                build_directory=build_dir,
-                verbose=os.environ.get("GCVIT_EXT_VERBOSE", "") not in ("", "0"),
-            )
+            if not hasattr(torch.ops.gcvit_cpu, "window_attention_fwd"):
+                _cpp_load(
+                    name=f"gcvit_cpu_{variant}",
+                    sources=srcs,
+                    extra_cflags=["-O3", "-fno-math-errno", *flags],
+                    build_directory=build_dir,
+                    is_python_module=False,  # TORCH_LIBRARY(gcvit_cpu, ...) ops, loaded into torch.ops
+                    verbose=os.environ.get("GCVIT_EXT_VERBOSE", "") not in ("", "0"),
+                )
+            _ext = torch.ops.gcvit_cpu
+            _ext.vec_size()  # the library answers
         except Exception as e:  # compiler missing, build failure, ...
             _ext = None
             _error = f"{type(e).__name__}: {e}"
