@@ -317,7 +317,7 @@ class GlobalContextVit(nn.Module):
         self.drop_rate = drop_rate
         self.stem = Stem(in_chans, embed_dim, norm_eps)
         total = sum(depths)
-        rates = torch.linspace(0, drop_path_rate, total).tolist()
+        rates = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         self.feature_info = []
         stages = []
         for i in range(num_stages):
