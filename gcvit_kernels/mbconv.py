@@ -76,15 +76,16 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
-def _load_tap(src_ptr, center, h, w, valid, H, W, stride_h, stride_w, tap):
-    """src at pixel (h + tap // 3 - 1, w + tap % 3 - 1), zero outside the image (the conv's padding).
-    ``center`` is the offset of (h, w) itself, so a tap only adds a scalar to it."""
-    dh = tap // 3 - 1
-    dw = tap % 3 - 1
-    hh = h + dh
-    ww = w + dw
-    inside = valid & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-    return tl.load(src_ptr + center + (dh * stride_h + dw * stride_w), mask=inside, other=0.0)
+def _load_tap(src_ptr, row_offs, row_ok, w, W, stride_w, DW: tl.constexpr):
+    """src at column w + DW of the row whose offsets (``row_offs``) and in-image mask (``row_ok``) the
+    caller computed; zero outside the image (the conv's padding). Only the border the column can
+    cross is tested."""
+    inside = row_ok
+    if DW == -1:
+        inside = inside & (w > 0)
+    if DW == 1:
+        inside = inside & (w < W - 1)
+    return tl.load(src_ptr + row_offs + DW * stride_w, mask=inside, other=0.0)
 
 
 @triton.jit
@@ -93,14 +94,17 @@ def _dwconv3x3(src_ptr, w_ptr, center, c, h, w, valid, C, H, W, stride_h, stride
     and ``valid`` broadcast to the tile's shape, so the same helper serves (channel, pixel) and
     (pixel, channel) tiles. ``w_ptr`` is a contiguous (C, 9) weight.
 
-    A runtime loop over the taps, not a static one: unrolled, the compiler hoists all nine tile
-    loads and ptxas spills (seen on sm_80/sm_90 for 32x64 tiles)."""
+    A runtime loop over the kernel rows, static over its 3 columns: fully unrolled, the compiler
+    hoists all nine tile loads and ptxas spills (seen on sm_90 for 32x64 tiles)."""
     w_row = w_ptr + c * 9
     c_valid = c < C
     acc = tl.where(valid, 0.0, 0.0).to(ACC)
-    for tap in range(9):
-        weight = tl.load(w_row + tap, mask=c_valid, other=0.0).to(ACC)
-        acc += weight * _load_tap(src_ptr, center, h, w, valid, H, W, stride_h, stride_w, tap).to(ACC)
+    for dh in range(-1, 2):
+        row_ok = valid & (h + dh >= 0) & (h + dh < H)
+        row_offs = center + dh * stride_h
+        for dw in tl.static_range(-1, 2):
+            weight = tl.load(w_row + (dh * 3 + dw + 4), mask=c_valid, other=0.0).to(ACC)
+            acc += weight * _load_tap(src_ptr, row_offs, row_ok, w, W, stride_w, dw).to(ACC)
     return acc
 
 
@@ -271,9 +275,12 @@ def _dwconv_grad_kernel(
     grad_d = tl.where(valid, (grad_u * gate[:, None] + grad_pool[:, None]) * _gelu_grad(d), 0.0)
     tl.store(grad_d_ptr + x_offs, grad_d, mask=valid)
     partial_row = (b * tl.num_programs(0) + pid_p) * C + c
-    for tap in range(9):
-        shifted = _load_tap(x_ptr, x_offs, h[None, :], w[None, :], valid, H, W, stride_xh, stride_xw, tap).to(ACC)
-        tl.store(partial_ptr + partial_row * 9 + tap, tl.sum(grad_d * shifted, axis=1), mask=c_valid)
+    for dh in range(-1, 2):
+        row_ok = valid & (h[None, :] + dh >= 0) & (h[None, :] + dh < H)
+        row_offs = x_offs + dh * stride_xh
+        for dw in tl.static_range(-1, 2):
+            shifted = _load_tap(x_ptr, row_offs, row_ok, w[None, :], W, stride_xw, dw).to(ACC)
+            tl.store(partial_ptr + partial_row * 9 + (dh * 3 + dw + 4), tl.sum(grad_d * shifted, axis=1), mask=c_valid)
 
 
 @triton.jit
