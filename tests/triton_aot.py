@@ -1,9 +1,10 @@
 """Ahead-of-time compile checks for Triton kernels, usable on a machine with no GPU.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel all the way to a
-cubin without a driver; we then re-run Triton's bundled ``ptxas -v`` on the PTX with the flags Triton itself
-uses, and read the register count, spill bytes and static shared memory from its log. Triton's own shared
-memory (``metadata.shared``, allocated dynamically at launch) is added to the static part.
+cubin without a driver; Triton's own ``ptxas -v`` log (``knobs.nvidia.dump_ptxas_log``; on a Triton cache
+hit, a re-run of the bundled ptxas with Triton's flags) gives the register count, spill bytes and static
+shared memory. Triton's own shared memory (``metadata.shared``, allocated dynamically at launch) is added to
+the static part. Jobs compile in forked workers, one per CPU core.
 
 Why a subprocess: under ``TRITON_INTERPRET=1`` (set by tests/conftest.py when there is no GPU)
 ``triton.jit`` returns interpreter objects that ``ASTSource`` cannot compile, so the compile runs in a
@@ -85,7 +86,7 @@ def problems(report: dict) -> List[str]:
     """Human-readable reasons a compile report is not clean (empty when clean)."""
     where = f"{report['name']} sm_{report['arch']} {report.get('config', '')}".strip()
     if report["error"]:
-        return [f"{where}: compile error: {report['error'][-2000:]}"]
+        return [f"{where}: compile error: {report['error'][:3000]}"]
     out = []
     if report["spill_stores"] or report["spill_loads"]:
         out.append(f"{where}: register spills ({report['spill_stores']} B stores, {report['spill_loads']} B loads, "
@@ -132,8 +133,6 @@ def _load_kernel(module: str, name: str, path: str):
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
     """Re-run Triton's ptxas with Triton's own flags (-lineinfo -v --regAllocOptLevel=2) and parse its log."""
-    import re
-
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +142,11 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
         cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return _parse_ptxas_log(log)
+
+
+def _parse_ptxas_log(log: str) -> dict:
+    import re
 
     def grab(pattern):
         m = re.search(pattern, log)
@@ -158,6 +162,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
 
 
 def _compile_one(job: dict) -> dict:
+    import contextlib
+    import io
     import traceback
 
     import triton
@@ -168,14 +174,23 @@ def _compile_one(job: dict) -> dict:
     try:
         fn = _load_kernel(job["module"], job["name"], job["path"])
         src = triton.compiler.ASTSource(fn, job["signature"], job["constexprs"])
-        kernel = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
-                                options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
-        usage = _ptxas_usage(kernel.asm["ptx"], job["arch"])
+        # Triton prints its own ptxas -v log with this knob; a cache hit runs no ptxas, so then we run it again
+        triton.knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                                    options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+        log = log.getvalue()
+        usage = _parse_ptxas_log(log) if "Used" in log else _ptxas_usage(kernel.asm["ptx"], job["arch"])
         report.update(registers=usage["registers"], spill_stores=usage["spill_stores"],
                       spill_loads=usage["spill_loads"],
                       shared_bytes=kernel.metadata.shared + usage["static_shared_bytes"])
-    except Exception:  # noqa: BLE001 - reported back to the caller, who fails the test with it
-        report["error"] = traceback.format_exc()
+    except Exception as exc:  # noqa: BLE001 - reported back to the caller, who fails the test with it
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        # the innermost error says what is wrong; Triton's outer ones only point at the call site
+        report["error"] = f"{type(root).__name__}: {root}\n--- traceback tail ---\n{traceback.format_exc()[-1500:]}"
     return report
 
 
@@ -183,7 +198,17 @@ def _main(job_file: str, result_file: str) -> None:
     with open(job_file, "rb") as f:
         data = pickle.load(f)
     sys.path[:] = data["sys_path"]
-    results = [_compile_one(job) for job in data["jobs"]]
+    jobs = data["jobs"]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        # ptxas and Triton's passes are single-threaded: one forked worker per core
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile_one, jobs))
+    else:
+        results = [_compile_one(job) for job in jobs]
     with open(result_file, "wb") as f:
         pickle.dump(results, f)
 
