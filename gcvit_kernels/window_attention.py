@@ -38,7 +38,7 @@ gradient is bitwise reproducible run to run:
    also dB) goes to an fp32 (chunks, heads, N, N) scratch -- kept in registers when one key block holds the
    window, else read-modify-written (the program owns its rows, so this is race free).
    The chunk count is a function of the shape only (not of the device), so the summation order is fixed.
-3. bias gather: one program per (table row, head) sums, over chunks and in a fixed order, the (i, j) pairs
+3. bias gather: one program per (block of table rows, head) sums, over chunks and in a fixed order, the (i, j) pairs
    with that relative offset -- they lie on one diagonal of the N x N matrix, j = i - (dy * ww + dx).
 The global-query gradient is the per-chunk partials summed over each image's chunks (a torch sum over a
 fixed-size dim, deterministic). ``deterministic=False`` is accepted and currently takes the same path:
@@ -52,8 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# globals a @triton.jit function reads must be constexpr
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -77,10 +78,13 @@ def _scores_log2(q, k, rel_pos_bias_table_ptr, head, q_tokens, k_tokens, scale_l
     """(scale q k^T + B) * log2(e) for a (queries, keys) tile; padded keys are -inf, padded queries finite."""
     N: tl.constexpr = WINDOW_H * WINDOW_W
     s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION) * scale_log2
-    dy = q_tokens[:, None] // WINDOW_W - k_tokens[None, :] // WINDOW_W + (WINDOW_H - 1)
-    dx = q_tokens[:, None] % WINDOW_W - k_tokens[None, :] % WINDOW_W + (WINDOW_W - 1)
+    # idx(i, j) = code(i) - code(j) + code(wh - 1, ww - 1) with code(y, x) = y * (2 ww - 1) + x: the divisions
+    # run on the token vectors, and a tile element costs one subtraction
+    q_codes = (q_tokens // WINDOW_W) * (2 * WINDOW_W - 1) + q_tokens % WINDOW_W
+    k_codes = (k_tokens // WINDOW_W) * (2 * WINDOW_W - 1) + k_tokens % WINDOW_W - (WINDOW_H * (2 * WINDOW_W - 1) - WINDOW_W)
     valid = (q_tokens[:, None] < N) & (k_tokens[None, :] < N)
-    bias = tl.load(rel_pos_bias_table_ptr + (dy * (2 * WINDOW_W - 1) + dx) * NUM_HEADS + head, mask=valid, other=0.0)
+    bias = tl.load(rel_pos_bias_table_ptr + (q_codes[:, None] - k_codes[None, :]) * NUM_HEADS + head, mask=valid,
+                   other=0.0)
     s = s + bias.to(ACC_DTYPE) * LOG2E
     return tl.where(k_tokens[None, :] < N, s, float("-inf"))
 
@@ -327,27 +331,30 @@ def _window_attention_bwd_dq_dbias_kernel(
 
 @triton.jit
 def _rel_pos_bias_grad_gather_kernel(
-    grad_bias_partial_ptr, grad_table_ptr, num_chunks,
-    NUM_HEADS: tl.constexpr, WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr, BLOCK: tl.constexpr,
+    grad_bias_partial_ptr, grad_table_ptr, num_chunks, num_table_rows,
+    NUM_HEADS: tl.constexpr, WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
 ):
     """grad_table[r, head] = sum over chunks, then over query i, of partial[chunk, head, i, i - offset(r)]."""
     N: tl.constexpr = WINDOW_H * WINDOW_W
     pid = tl.program_id(0)
     head = pid % NUM_HEADS
-    table_row = pid // NUM_HEADS
-    dy = table_row // (2 * WINDOW_W - 1) - (WINDOW_H - 1)
-    dx = table_row % (2 * WINDOW_W - 1) - (WINDOW_W - 1)
-    i = tl.arange(0, BLOCK)
-    yj = i // WINDOW_W - dy
-    xj = i % WINDOW_W - dx
-    valid = (i < N) & (yj >= 0) & (yj < WINDOW_H) & (xj >= 0) & (xj < WINDOW_W)
+    table_rows = (pid // NUM_HEADS) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    dy = table_rows // (2 * WINDOW_W - 1) - (WINDOW_H - 1)
+    dx = table_rows % (2 * WINDOW_W - 1) - (WINDOW_W - 1)
+    i = tl.arange(0, BLOCK_TOKENS)
+    yj = i[None, :] // WINDOW_W - dy[:, None]
+    xj = i[None, :] % WINDOW_W - dx[:, None]
+    valid = ((table_rows < num_table_rows)[:, None] & (i < N)[None, :] & (yj >= 0) & (yj < WINDOW_H) & (xj >= 0)
+             & (xj < WINDOW_W))
     # the pairs with one relative offset lie on one diagonal: j = i - (dy * ww + dx)
-    offsets = i * (N + 1) - (dy * WINDOW_W + dx)
-    acc = tl.zeros((BLOCK,), grad_bias_partial_ptr.dtype.element_ty)
+    offsets = i[None, :] * (N + 1) - (dy * WINDOW_W + dx)[:, None]
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_TOKENS), grad_bias_partial_ptr.dtype.element_ty)
     for chunk in range(0, num_chunks):
         base = (chunk * NUM_HEADS + head).to(tl.int64) * (N * N)
         acc += tl.load(grad_bias_partial_ptr + base + offsets, mask=valid, other=0.0)
-    tl.store(grad_table_ptr + table_row * NUM_HEADS + head, tl.sum(acc, 0).to(grad_table_ptr.dtype.element_ty))
+    tl.store(grad_table_ptr + table_rows * NUM_HEADS + head, tl.sum(acc, 1).to(grad_table_ptr.dtype.element_ty),
+             mask=table_rows < num_table_rows)
 
 
 # ------------------------------------------------------------------------------------------- launch wrappers
@@ -491,7 +498,8 @@ def backward_dq_dbias_config(tokens: int, head_dim: int) -> dict:
 
 
 def gather_config(tokens: int) -> dict:
-    return dict(BLOCK=triton.next_power_of_2(tokens), num_warps=4)
+    block_tokens = triton.next_power_of_2(tokens)
+    return dict(BLOCK_ROWS=max(1, min(16, 4096 // block_tokens)), BLOCK_TOKENS=block_tokens, num_warps=4)
 
 
 def window_attention_fwd_triton(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale):
@@ -509,7 +517,7 @@ def window_attention_fwd_triton(qkv, rel_pos_bias_table, global_query, num_heads
     _window_attention_fwd_kernel[grid](
         qkv, queries, table, out, lse,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        geo.windows_per_image, geo.windows_per_row, geo.windows_per_query, num_q_blocks, scale * LOG2E,
+        geo.windows_per_image, geo.windows_per_row, geo.windows_per_query, num_q_blocks, scale * LOG2E.value,
         **geo.constexprs(qkv.dtype), **config,
     )
     return out, lse
@@ -549,7 +557,7 @@ def window_attention_bwd_triton(grad_out, qkv, rel_pos_bias_table, global_query,
     num_k_blocks = triton.cdiv(geo.tokens, config["BLOCK_N"])
     _window_attention_bwd_dkdv_kernel[(geo.num_windows * num_heads * num_k_blocks,)](
         qkv, queries, table, out, grad_out, lse, grad_qkv, *strides,
-        geo.windows_per_image, geo.windows_per_row, geo.windows_per_query, num_k_blocks, scale, scale * LOG2E,
+        geo.windows_per_image, geo.windows_per_row, geo.windows_per_query, num_k_blocks, scale, scale * LOG2E.value,
         **constexprs, **config,
     )
 
@@ -565,14 +573,14 @@ def window_attention_bwd_triton(grad_out, qkv, rel_pos_bias_table, global_query,
     _window_attention_bwd_dq_dbias_kernel[(num_chunks * num_heads * num_q_blocks,)](
         qkv, queries, table, out, grad_out, lse, grad_qkv, grad_global_query_partial, grad_bias_partial, *strides,
         geo.windows_per_image, geo.windows_per_row, geo.windows_per_query, windows_per_group, windows_per_chunk,
-        chunks_per_group, num_q_blocks, scale, scale * LOG2E,
+        chunks_per_group, num_q_blocks, scale, scale * LOG2E.value,
         **constexprs, **config,
     )
 
     grad_table = torch.empty(table.shape, dtype=acc_dtype, device=qkv.device)
     config = gather_config(geo.tokens)
-    _rel_pos_bias_grad_gather_kernel[(table.shape[0] * num_heads,)](
-        grad_bias_partial, grad_table, num_chunks,
+    _rel_pos_bias_grad_gather_kernel[(triton.cdiv(table.shape[0], config["BLOCK_ROWS"]) * num_heads,)](
+        grad_bias_partial, grad_table, num_chunks, table.shape[0],
         NUM_HEADS=num_heads, WINDOW_H=window_h, WINDOW_W=window_w, **config,
     )
     if geo.is_global:

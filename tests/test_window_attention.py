@@ -1,0 +1,195 @@
+"""Triton window attention (gcvit_kernels.window_attention) against gcvit.functional.window_attention.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py), so shapes are small.
+Tolerances: fp64 runs exactly in the interpreter (gradcheck; the saved lse is fp32 by contract, so gradients
+carry ~1e-7 relative error, far inside gradcheck's atol 1e-5); fp32 forward atol 2e-5, gradients atol 1e-4
+relative to the gradient's max magnitude.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton.language as tl
+
+from conftest import requires_cuda
+from gcvit import functional as ref
+from gcvit_kernels import window_attention as wa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(batch, height, width, window, num_heads, head_dim, is_global, dtype=torch.float32,
+                num_global_queries=None, strided=False, global_query_4d=False):
+    """qkv map, table, global query; ``strided`` gives views with non-trivial strides (last dim stride 1)."""
+    wh, ww = window
+    channels = num_heads * head_dim
+    slots = 2 if is_global else 3
+    if strided:
+        # (B, W, H, S*C + 8) storage read transposed and sliced: only the last dim has stride 1
+        qkv = torch.randn(batch, width, height, slots * channels + 8, dtype=dtype, device=DEVICE)
+        qkv = qkv.transpose(1, 2)[..., 3:3 + slots * channels]
+    else:
+        qkv = torch.randn(batch, height, width, slots * channels, dtype=dtype, device=DEVICE)
+    table = 0.5 * torch.randn((2 * wh - 1) * (2 * ww - 1), num_heads, dtype=dtype, device=DEVICE)
+    global_query = None
+    if is_global:
+        num_global_queries = num_global_queries or batch
+        global_query = torch.randn(num_global_queries, wh * ww, channels + (5 if strided else 0), dtype=dtype,
+                                   device=DEVICE)[..., :channels]
+        if global_query_4d:
+            global_query = global_query.reshape(num_global_queries, wh, ww, channels)
+    return qkv, table, global_query
+
+
+def _grads(fn, qkv, table, global_query, grad_out):
+    inputs = [t.detach().requires_grad_() for t in (qkv, table) + ((global_query,) if global_query is not None else ())]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out.detach(), grads
+
+
+def _check_against_reference(qkv, table, global_query, num_heads, window, scale=None, grad_out=None,
+                             fwd_atol=2e-5, grad_rtol=1e-4):
+    def fused(q, t, *g):
+        return wa.window_attention_triton(q, t, num_heads, window, g[0] if g else None, scale)
+
+    def reference(q, t, *g):
+        return ref.window_attention(q, t, num_heads, window, g[0] if g else None, scale)
+
+    if grad_out is None:
+        channels = qkv.shape[-1] // (3 if global_query is None else 2)
+        grad_out = torch.randn(*qkv.shape[:3], channels, dtype=qkv.dtype, device=qkv.device)
+    expected, expected_grads = _grads(reference, qkv, table, global_query, grad_out)
+    out, grads = _grads(fused, qkv, table, global_query, grad_out)
+    assert out.shape == expected.shape and out.dtype == expected.dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=fwd_atol, rtol=0)
+    for name, got, want in zip(("qkv", "rel_pos_bias_table", "global_query"), grads, expected_grads):
+        assert got.shape == want.shape, name
+        tol = grad_rtol * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=lambda m: f"grad {name}: {m}")
+
+
+# (batch, height, width, window, heads, head_dim): windows per image and batches not powers of two
+SHAPES = {
+    "N49": (3, 21, 7, (7, 7), 2, 16),
+    "N144": (1, 24, 12, (12, 12), 1, 32),
+    "N196": (1, 14, 14, (14, 14), 1, 16),
+    "rect10x6": (2, 10, 18, (10, 6), 1, 16),
+}
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fp32_forward_and_gradients_match_reference(shape, is_global):
+    batch, height, width, window, heads, head_dim = SHAPES[shape]
+    qkv, table, global_query = make_inputs(batch, height, width, window, heads, head_dim, is_global)
+    _check_against_reference(qkv, table, global_query, heads, window)
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_strided_inputs_and_grad_out(is_global):
+    qkv, table, global_query = make_inputs(2, 14, 21, (7, 7), 2, 16, is_global, strided=True, global_query_4d=True)
+    assert not qkv.is_contiguous() and qkv.stride(-1) == 1
+    grad_out = torch.randn(2, 21, 14, 32, device=DEVICE).transpose(1, 2)  # non-contiguous upstream gradient
+    _check_against_reference(qkv, table, global_query, 2, (7, 7), scale=0.3, grad_out=grad_out)
+
+
+def test_global_queries_shared_by_several_images():
+    # G = 2 global queries for 3 images x 2 windows: query g serves windows 3g .. 3g + 2 (across an image edge)
+    qkv, table, global_query = make_inputs(3, 14, 7, (7, 7), 1, 16, True, num_global_queries=2)
+    _check_against_reference(qkv, table, global_query, 1, (7, 7))
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_multi_block_tiles_and_multi_window_chunks(monkeypatch, is_global):
+    """Force 16-token blocks on a 49-token window (online softmax over 4 key blocks, the read-modify-write
+    bias-gradient scratch) and 2 programs' worth of chunks (several windows per chunk)."""
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    for name in ("forward_config", "backward_dkdv_config", "backward_dq_dbias_config"):
+        monkeypatch.setattr(wa, name, lambda tokens, head_dim: dict(blocks))
+    monkeypatch.setattr(wa, "_DQ_TARGET_PROGRAMS", 2)
+    qkv, table, global_query = make_inputs(2, 14, 7, (7, 7), 1, 16, is_global)
+    geo = wa._Geometry(qkv, 1, 7, 7, global_query)
+    _, chunks_per_group, windows_per_chunk, _ = wa._chunking(geo, num_q_blocks=4)
+    assert chunks_per_group == 1 and windows_per_chunk == 2
+    _check_against_reference(qkv, table, global_query, 1, (7, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [(24, 24), (32, 32)], ids=["N576", "N1024"])
+def test_large_windows_match_reference(window):
+    qkv, table, global_query = make_inputs(1, *window, window, 1, 16, False)
+    _check_against_reference(qkv, table, global_query, 1, window)
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_fp64_gradcheck(is_global):
+    # rectangular 3x2 window (N = 6, padded to 16), 2 images x 2 windows; every differentiable input checked
+    qkv, table, global_query = make_inputs(2, 3, 4, (3, 2), 1, 16, is_global, dtype=torch.float64)
+    inputs = (qkv, table) + ((global_query,) if is_global else ())
+    inputs = tuple(t.detach().requires_grad_() for t in inputs)
+
+    def fn(q, t, *g):
+        return wa.window_attention_triton(q, t, 1, (3, 2), g[0] if g else None)
+
+    torch.testing.assert_close(fn(*inputs), ref.window_attention(*inputs[:2], 1, (3, 2), *inputs[2:]), atol=1e-12,
+                               rtol=0)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_bias_and_global_query_gradients_are_bitwise_deterministic(monkeypatch, is_global):
+    monkeypatch.setattr(wa, "_DQ_TARGET_PROGRAMS", 4)  # several chunks per image, several windows per chunk
+    qkv, table, global_query = make_inputs(2, 14, 21, (7, 7), 1, 16, is_global)
+    grad_out = torch.randn(2, 14, 21, 16, device=DEVICE)
+
+    def run():
+        return _grads(lambda q, t, *g: wa.window_attention_triton(q, t, 1, (7, 7), g[0] if g else None),
+                      qkv, table, global_query, grad_out)[1]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def _bad(**changes):
+    qkv, table, global_query = make_inputs(1, 14, 14, (7, 7), 2, 16, False)
+    args = dict(qkv=qkv, rel_pos_bias_table=table, num_heads=2, window_size=(7, 7), global_query=global_query)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(qkv=torch.randint(0, 3, (1, 14, 14, 96), dtype=torch.int32)), TypeError, "qkv dtype"),
+    (dict(qkv=torch.randn(14, 14, 96)), ValueError, r"\(B, H, W, S\*C\)"),
+    (dict(qkv=torch.randn(1, 14, 96, 14).transpose(2, 3)), ValueError, "stride 1"),
+    (dict(window_size=(5, 5)), ValueError, "not divisible"),
+    (dict(num_heads=5), ValueError, "num_heads"),
+    (dict(qkv=torch.randn(1, 14, 14, 3 * 2 * 24)), ValueError, "head_dim 24"),
+    (dict(rel_pos_bias_table=torch.randn(168, 2)), ValueError, r"rel_pos_bias_table must be \(169, 2\)"),
+    (dict(qkv=torch.randn(1, 14, 14, 64), global_query=torch.randn(1, 48, 32)), ValueError, "global_query must be"),
+    (dict(qkv=torch.randn(1, 14, 14, 64), global_query=torch.randn(3, 49, 32)), ValueError, "not divisible by 3"),
+    (dict(qkv=torch.randn(1, 14, 14, 64), global_query=torch.randn(1, 49, 32, dtype=torch.float16)), TypeError,
+     "global_query dtype"),
+    (dict(rel_pos_bias_table=torch.randn(169, 2, device="meta")), ValueError, "one device"),
+])
+def test_bad_inputs_raise_before_launch(changes, error, match):
+    args = _bad(**changes)
+    with pytest.raises(error, match=match):
+        wa.window_attention_triton(**args)
+    reason = wa.unsupported_reason(**args)
+    if match != "one device":  # unsupported_reason does not look at devices
+        assert reason is not None and reason.strip()
+
+
+def test_unsupported_reason_accepts_valid_inputs():
+    for is_global in (False, True):
+        qkv, table, global_query = make_inputs(1, 14, 14, (7, 7), 2, 32, is_global)
+        assert wa.unsupported_reason(qkv, table, 2, (7, 7), global_query) is None
+        assert wa.unsupported_reason(qkv, table, 2, 7, global_query) is None
