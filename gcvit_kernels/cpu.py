@@ -135,3 +135,273 @@ def available() -> bool:
 def load_error() -> Optional[str]:
     """Why the extension is unavailable (None when it loaded or was not tried yet)."""
     return _error
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks (clear Python errors before anything reaches C++)
+# ------------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_attention_args(qkv, table, global_query, num_heads, window_h, window_w) -> None:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4:
+        raise ValueError(f"qkv must be a 4-D (B, H, W, S*C) tensor, got {getattr(qkv, 'shape', type(qkv))}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"qkv must be a floating point tensor, got {qkv.dtype}")
+    if num_heads <= 0 or window_h <= 0 or window_w <= 0:
+        raise ValueError(f"num_heads, window_h, window_w must be positive, got {num_heads}, {window_h}, {window_w}")
+    b, h, w, sc = qkv.shape
+    s = 2 if global_query is not None else 3
+    if sc % (s * num_heads) != 0:
+        raise ValueError(f"qkv's last dim {sc} is not divisible by S*num_heads = {s}*{num_heads}")
+    if h % window_h or w % window_w:
+        raise ValueError(f"map {h}x{w} is not divisible by the window {window_h}x{window_w}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("qkv's last dim must have stride 1")
+    n_tab = (2 * window_h - 1) * (2 * window_w - 1)
+    if table.dim() != 2 or tuple(table.shape) != (n_tab, num_heads):
+        raise ValueError(f"rel_pos_bias_table must be ({n_tab}, {num_heads}), got {tuple(table.shape)}")
+    if table.device != qkv.device:
+        raise ValueError(f"rel_pos_bias_table is on {table.device} but qkv is on {qkv.device}")
+    if global_query is not None:
+        c, n = sc // s, window_h * window_w
+        g = global_query.shape[0] if global_query.dim() > 0 else 0
+        ok_shape = tuple(global_query.shape) in ((g, window_h, window_w, c), (g, n, c))
+        if not ok_shape or g == 0:
+            raise ValueError(f"global_query must be (G, {window_h}, {window_w}, {c}) or (G, {n}, {c}), "
+                             f"got {tuple(global_query.shape)}")
+        t = b * (h // window_h) * (w // window_w)
+        if t % g:
+            raise ValueError(f"{t} windows are not divisible by G = {g} global queries")
+        if global_query.dtype != qkv.dtype:
+            raise TypeError(f"global_query dtype {global_query.dtype} differs from qkv dtype {qkv.dtype}")
+        if global_query.device != qkv.device:
+            raise ValueError(f"global_query is on {global_query.device} but qkv is on {qkv.device}")
+
+
+def _check_mbconv_args(x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    c = x.shape[1]
+    if tuple(dw_weight.shape) != (c, 1, 3, 3):
+        raise ValueError(f"dw_weight must be ({c}, 1, 3, 3), got {tuple(dw_weight.shape)}")
+    if se_reduce_weight.dim() != 4 or se_reduce_weight.shape[1:] != (c, 1, 1) or se_reduce_weight.shape[0] < 1:
+        raise ValueError(f"se_reduce_weight must be (C_rd, {c}, 1, 1), got {tuple(se_reduce_weight.shape)}")
+    rd = se_reduce_weight.shape[0]
+    if tuple(se_expand_weight.shape) != (c, rd, 1, 1):
+        raise ValueError(f"se_expand_weight must be ({c}, {rd}, 1, 1), got {tuple(se_expand_weight.shape)}")
+    if tuple(pw_weight.shape) != (c, c, 1, 1):
+        raise ValueError(f"pw_weight must be ({c}, {c}, 1, 1), got {tuple(pw_weight.shape)}")
+    for name, t in (("dw_weight", dw_weight), ("se_reduce_weight", se_reduce_weight),
+                    ("se_expand_weight", se_expand_weight), ("pw_weight", pw_weight)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Window attention: CPU kernels of gcvit::window_attention_fwd / _bwd
+# ------------------------------------------------------------------------------------------------
+
+def _split_windows(qkv, global_query, num_heads, window_h, window_w, dtype):
+    """q (T or G, 1, heads, n, d) grouped per global query, k, v (G', T/G', heads, n, d)."""
+    from gcvit import functional as ref
+
+    b, h, w, sc = qkv.shape
+    s = 2 if global_query is not None else 3
+    c = sc // s
+    d = c // num_heads
+    n = window_h * window_w
+    win = ref.window_partition(qkv.to(dtype), (window_h, window_w))  # (T, n, S*C)
+    t = win.shape[0]
+    parts = win.view(t, n, s, num_heads, d).permute(2, 0, 3, 1, 4)  # (S, T, heads, n, d)
+    if global_query is not None:
+        g = global_query.shape[0]
+        k, v = parts.unbind(0)
+        q = global_query.to(dtype).reshape(g, n, num_heads, d).permute(0, 2, 1, 3).unsqueeze(1)
+        k, v = k.reshape(g, t // g, num_heads, n, d), v.reshape(g, t // g, num_heads, n, d)
+    else:
+        q, k, v = (p.unsqueeze(0) for p in parts.unbind(0))  # (1, T, heads, n, d)
+    return q, k, v, t, n, c, d
+
+
+def _bias(table, window_h, window_w, dtype):
+    from gcvit import functional as ref
+
+    index = ref.relative_position_index((window_h, window_w), device=table.device)
+    return ref.relative_position_bias(table.to(dtype), index), index  # (heads, n, n)
+
+
+def _attention_fwd_torch(qkv, table, global_query, num_heads, window_h, window_w, scale):
+    from gcvit import functional as ref
+
+    ct = _compute_dtype(qkv.dtype)
+    q, k, v, t, n, c, d = _split_windows(qkv, global_query, num_heads, window_h, window_w, ct)
+    bias, _ = _bias(table, window_h, window_w, ct)
+    s = (q * scale) @ k.transpose(-2, -1) + bias
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse.unsqueeze(-1)) @ v  # (G, T/G, heads, n, d)
+    o = o.reshape(t, num_heads, n, d).transpose(1, 2).reshape(t, n, c)
+    out = ref.window_reverse(o, (window_h, window_w), qkv.shape[1:3]).to(qkv.dtype).contiguous()
+    return out, lse.reshape(t, num_heads, n).float()
+
+
+def _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale):
+    _check_attention_args(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w)
+    ext = load()
+    if ext is not None and qkv.dtype in _KERNEL_DTYPES:
+        table = rel_pos_bias_table
+        gq = None if global_query is None else global_query.to(qkv.dtype)
+        out, lse = ext.window_attention_fwd(qkv, table, gq, num_heads, window_h, window_w, float(scale))
+        return out, lse
+    return _attention_fwd_torch(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale)
+
+
+def _attention_bwd_cpu(grad_out, qkv, rel_pos_bias_table, global_query, out, lse, num_heads, window_h, window_w,
+                       scale, deterministic):
+    """PyTorch math, recomputing the softmax from the inputs (exact in the compute dtype; deterministic)."""
+    from gcvit import functional as ref
+
+    _check_attention_args(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w)
+    if grad_out.shape[:3] != qkv.shape[:3] or out.shape != grad_out.shape:
+        raise ValueError(f"grad_out/out must be (B, H, W, C) matching qkv, got {tuple(grad_out.shape)}, "
+                         f"{tuple(out.shape)} for qkv {tuple(qkv.shape)}")
+    ct = _compute_dtype(qkv.dtype)
+    q, k, v, t, n, c, d = _split_windows(qkv, global_query, num_heads, window_h, window_w, ct)
+    bias, index = _bias(rel_pos_bias_table, window_h, window_w, ct)
+    qs = q * scale
+    p = torch.softmax(qs @ k.transpose(-2, -1) + bias, dim=-1)  # (G, T/G, heads, n, n)
+    shape5 = k.shape  # (G', T/G', heads, n, d)
+
+    def to_heads(x):
+        x = ref.window_partition(x.to(ct), (window_h, window_w))  # (T, n, C)
+        return x.view(t, n, num_heads, d).transpose(1, 2).reshape(shape5)
+
+    go, o = to_heads(grad_out), to_heads(out)
+    dv = p.transpose(-2, -1) @ go
+    dp = go @ v.transpose(-2, -1)
+    ds = p * (dp - (go * o).sum(-1, keepdim=True))
+    dq = (ds @ k) * scale  # (G', T/G', heads, n, d)
+    dk = ds.transpose(-2, -1) @ qs
+    dbias = ds.sum((0, 1))  # (heads, n, n)
+    grad_table = torch.zeros(rel_pos_bias_table.shape, dtype=ct, device=qkv.device)
+    grad_table.index_add_(0, index.reshape(-1), dbias.permute(1, 2, 0).reshape(n * n, num_heads))
+    grad_table = grad_table.to(rel_pos_bias_table.dtype)
+
+    def back(x):  # (G', T/G', heads, n, d) -> (T, n, heads, d)
+        return x.reshape(t, num_heads, n, d).transpose(1, 2)
+
+    if global_query is not None:
+        parts = (back(dk), back(dv))
+        grad_gq = dq.sum(1).permute(0, 2, 1, 3).reshape(global_query.shape).to(global_query.dtype)
+    else:
+        parts = (back(dq), back(dk), back(dv))
+        grad_gq = qkv.new_empty(0)
+    g = torch.stack(parts, dim=2).reshape(t, n, len(parts) * c)
+    grad_qkv = ref.window_reverse(g, (window_h, window_w), qkv.shape[1:3]).to(qkv.dtype).contiguous()
+    return grad_qkv, grad_table, grad_gq
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused-MBConv: CPU kernels of gcvit::fused_mbconv_fwd / _bwd
+# ------------------------------------------------------------------------------------------------
+
+def _mbconv_fwd_cpu(x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight):
+    from gcvit import functional as ref
+
+    _check_mbconv_args(x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight)
+    ext = load()
+    if ext is not None and x.dtype in _KERNEL_DTYPES:
+        ws = tuple(w.to(x.dtype) for w in (dw_weight, se_reduce_weight, se_expand_weight, pw_weight))
+        return ext.fused_mbconv_fwd(x, *ws)
+    ct = _compute_dtype(x.dtype)
+    ws = tuple(w.to(ct) for w in (dw_weight, se_reduce_weight, se_expand_weight, pw_weight))
+    return ref.fused_mbconv(x.to(ct), *ws).to(x.dtype)
+
+
+def _gelu_grad(z):
+    return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _mbconv_bwd_cpu(grad_out, x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight):
+    """Explicit PyTorch math, recomputing the forward from the inputs (fp32, fp64 for fp64 inputs)."""
+    _check_mbconv_args(x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    ct = _compute_dtype(x.dtype)
+    b, c, h, w = x.shape
+    rd = se_reduce_weight.shape[0]
+    xf, gy = x.to(ct), grad_out.to(ct)
+    dw = dw_weight.to(ct)
+    w1 = se_reduce_weight.to(ct).reshape(rd, c)
+    w2 = se_expand_weight.to(ct).reshape(c, rd)
+    wp = pw_weight.to(ct).reshape(c, c)
+    a = F.conv2d(xf, dw, padding=1, groups=c)
+    t = F.gelu(a)
+    m = t.mean((2, 3))  # (B, C)
+    z = m @ w1.t()
+    r = F.gelu(z)
+    gate = torch.sigmoid(r @ w2.t())  # (B, C)
+    ts = t * gate[:, :, None, None]
+    grad_pw = torch.einsum("bohw,bihw->oi", gy, ts)
+    g_ts = torch.einsum("bohw,oi->bihw", gy, wp)
+    g_gate = (g_ts * t).sum((2, 3))
+    g_u = g_gate * gate * (1 - gate)
+    grad_w2 = g_u.t() @ r
+    g_z = (g_u @ w2) * _gelu_grad(z)
+    grad_w1 = g_z.t() @ m
+    g_m = g_z @ w1  # (B, C)
+    g_t = g_ts * gate[:, :, None, None] + (g_m / (h * w))[:, :, None, None]
+    g_a = g_t * _gelu_grad(a)
+    grad_in, grad_dw, _ = torch.ops.aten.convolution_backward(
+        g_a, xf, dw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], c, [True, True, False])
+    grad_x = (gy + grad_in).to(x.dtype)
+    return (grad_x, grad_dw.to(dw_weight.dtype), grad_w1.reshape(se_reduce_weight.shape).to(se_reduce_weight.dtype),
+            grad_w2.reshape(se_expand_weight.shape).to(se_expand_weight.dtype),
+            grad_pw.reshape(pw_weight.shape).to(pw_weight.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+
+_CPU_KERNELS = {
+    "gcvit::window_attention_fwd": _attention_fwd_cpu,
+    "gcvit::window_attention_bwd": _attention_bwd_cpu,
+    "gcvit::fused_mbconv_fwd": _mbconv_fwd_cpu,
+    "gcvit::fused_mbconv_bwd": _mbconv_bwd_cpu,
+}
+_registered = set()
+
+
+def _op_exists(qualname: str) -> bool:
+    ns, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, ns), name)
+
+
+def register(import_op_modules: bool = True) -> Tuple[str, ...]:
+    """Give the gcvit:: ops their CPU kernels (idempotent). Imports the op modules first so the ops exist;
+    an op whose module cannot be imported (e.g. no triton) stays unregistered. Returns the registered names."""
+    if import_op_modules:
+        import importlib
+
+        for mod in ("gcvit_kernels.window_attention", "gcvit_kernels.mbconv"):
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # the model then runs the reference path
+                warnings.warn(f"gcvit: {mod} could not be imported ({type(e).__name__}: {e}); its CPU kernels "
+                              "are not registered", RuntimeWarning, stacklevel=2)
+    for name, fn in _CPU_KERNELS.items():
+        if name not in _registered and _op_exists(name):
+            torch.library.register_kernel(name, "cpu", fn)
+            _registered.add(name)
+    return tuple(sorted(_registered))
+
+
+register()

@@ -1,0 +1,284 @@
+"""The C++ CPU kernels (csrc/gcvit_cpu.cpp via gcvit_kernels.cpu) against the reference math.
+
+Tolerances: fp32 outputs atol=rtol=2e-5 (observed max abs error ~1e-6); bf16 outputs (bf16 inputs, fp32
+accumulation, bf16 rounding of the result) compared with the fp32 reference on the same bf16-rounded
+inputs at atol=rtol=3e-2 (bf16 has 8 bits of mantissa: 2^-8 = 0.4% per rounding).
+The whole file is skipped (with the build error as reason) only when the extension cannot be built.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gcvit import functional as ref
+from gcvit_kernels import cpu
+
+EXT = cpu.load()
+pytestmark = pytest.mark.skipif(EXT is None, reason=f"C++ CPU extension unavailable: {cpu.load_error()}")
+
+ATOL32 = RTOL32 = 2e-5
+ATOL16 = RTOL16 = 3e-2
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def make_attention(b, h, w, c, heads, wh, ww, is_global, dtype=torch.float32, gq_flat=False, padded=False):
+    s = 2 if is_global else 3
+    if padded:  # arbitrary strides except the last: a slice of a wider map
+        qkv = torch.randn(b, h, w, s * c + 5, dtype=dtype)[..., 2:2 + s * c]
+    else:
+        qkv = torch.randn(b, h, w, s * c, dtype=dtype)
+    table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, dtype=dtype)
+    gq = None
+    if is_global:
+        gq = torch.randn(b, wh * ww, c, dtype=dtype) if gq_flat else torch.randn(b, wh, ww, c, dtype=dtype)
+    return qkv, table, gq, (c // heads) ** -0.5
+
+
+# (B, H, W, C, heads, wh, ww): gcvit-like 7x7, 12x12, rectangular; odd batches/window counts; C and head_dim
+# not multiples of the vector width (8)
+ATTN_CASES = [
+    (2, 14, 14, 64, 2, 7, 7),
+    (3, 21, 14, 36, 3, 7, 7),
+    (1, 24, 36, 48, 4, 12, 12),
+    (3, 10, 9, 20, 4, 5, 3),
+    (1, 7, 7, 512, 16, 7, 7),
+]
+
+
+def reference_lse(qkv, table, gq, heads, wh, ww, scale):
+    q, k, v, t, n, c, d = cpu._split_windows(qkv, gq, heads, wh, ww, torch.float64)
+    bias, _ = cpu._bias(table, wh, ww, torch.float64)
+    s = (q * scale) @ k.transpose(-2, -1) + bias
+    return torch.logsumexp(s, -1).reshape(t, heads, n)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_attention_forward_fp32(case, is_global):
+    b, h, w, c, heads, wh, ww = case
+    qkv, table, gq, scale = make_attention(b, h, w, c, heads, wh, ww, is_global, padded=(b == 3))
+    out, lse = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, heads, wh, ww, scale)
+    expected = ref.window_attention(qkv, table, heads, (wh, ww), gq, scale)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=ATOL32, rtol=RTOL32)
+    torch.testing.assert_close(lse.double(), reference_lse(qkv, table, gq, heads, wh, ww, scale), atol=1e-5, rtol=1e-5)
+    # the CPU kernel of the op is the C++ one (bitwise the same as calling the extension directly)
+    direct, _ = EXT.window_attention_fwd(qkv, table, gq, heads, wh, ww, scale)
+    assert torch.equal(out, direct)
+
+
+def test_attention_global_query_flat_layout():
+    qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, True, gq_flat=True)
+    out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 2, 7, 7, scale)
+    torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), gq, scale), atol=ATOL32, rtol=RTOL32)
+
+
+def test_attention_global_query_fewer_than_images():
+    # G divides T but is not B: window w uses query w // (T / G)
+    qkv, table, _, scale = make_attention(4, 14, 14, 32, 2, 7, 7, True)
+    gq = torch.randn(2, 7, 7, 32)
+    out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 2, 7, 7, scale)
+    torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), gq, scale), atol=ATOL32, rtol=RTOL32)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES[:4], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_attention_forward_bf16(case, is_global):
+    b, h, w, c, heads, wh, ww = case
+    qkv, table, gq, scale = make_attention(b, h, w, c, heads, wh, ww, is_global, dtype=torch.bfloat16)
+    out, lse = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, heads, wh, ww, scale)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    expected = ref.window_attention(qkv.float(), table.float(), heads, (wh, ww),
+                                    None if gq is None else gq.float(), scale)
+    torch.testing.assert_close(out.float(), expected, atol=ATOL16, rtol=RTOL16)
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("case", [(2, 14, 14, 32, 2, 7, 7), (3, 10, 9, 20, 4, 5, 3)], ids=["7x7", "5x3"])
+def test_attention_grad_fp32(case, is_global):
+    b, h, w, c, heads, wh, ww = case
+    qkv, table, gq, scale = make_attention(b, h, w, c, heads, wh, ww, is_global)
+    leaves = [t.requires_grad_() for t in (qkv, table, gq) if t is not None]
+    out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, heads, wh, ww, scale)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    expected = torch.autograd.grad(ref.window_attention(qkv, table, heads, (wh, ww), gq, scale), leaves, g)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_attention_gradcheck_fp64(is_global):
+    # fp64 runs the op's PyTorch-math CPU path (the C++ kernel is fp32/bf16): this checks the backward formula
+    qkv, table, gq, scale = make_attention(2, 6, 4, 8, 2, 3, 2, is_global, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (qkv, table, gq) if t is not None]
+
+    def f(*a):
+        q, t = a[0], a[1]
+        g = a[2] if is_global else None
+        return torch.ops.gcvit.window_attention_fwd(q, t, g, 2, 3, 2, scale)[0]
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+def mbconv_inputs(b, c, h, w, dtype=torch.float32, channels_last=False):
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rd = max(1, c // 4)
+    ws = (torch.randn(c, 1, 3, 3, dtype=dtype) * 0.5, torch.randn(rd, c, 1, 1, dtype=dtype) * c ** -0.5,
+          torch.randn(c, rd, 1, 1, dtype=dtype) * rd ** -0.5, torch.randn(c, c, 1, 1, dtype=dtype) * c ** -0.5)
+    return x, ws
+
+
+MB_CASES = [(2, 64, 14, 14), (3, 20, 9, 7), (1, 12, 1, 17), (2, 128, 8, 8)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", MB_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_mbconv_forward_fp32(case, channels_last):
+    x, ws = mbconv_inputs(*case, channels_last=channels_last)
+    y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
+    torch.testing.assert_close(y, ref.fused_mbconv(x, *ws), atol=ATOL32, rtol=RTOL32)
+    assert torch.equal(y, EXT.fused_mbconv_fwd(x, *ws))
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", MB_CASES[:3], ids=lambda c: "x".join(map(str, c)))
+def test_mbconv_forward_bf16(case, channels_last):
+    x, ws = mbconv_inputs(*case, dtype=torch.bfloat16, channels_last=channels_last)
+    y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
+    assert y.dtype == torch.bfloat16
+    expected = ref.fused_mbconv(x.float(), *(w.float() for w in ws))
+    torch.testing.assert_close(y.float(), expected, atol=ATOL16 * 2, rtol=RTOL16)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_mbconv_grad_fp32(channels_last):
+    x, ws = mbconv_inputs(3, 20, 9, 7, channels_last=channels_last)
+    leaves = [t.requires_grad_() for t in (x, *ws)]
+    y = torch.ops.gcvit.fused_mbconv_fwd(*leaves)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, g)
+    expected = torch.autograd.grad(ref.fused_mbconv(*leaves), leaves, g)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_mbconv_gradcheck_fp64():
+    x, ws = mbconv_inputs(2, 8, 5, 4, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, *ws)]
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.gcvit.fused_mbconv_fwd(*a), args, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_thread_count_invariance(dtype):
+    qkv, table, gq, scale = make_attention(3, 21, 14, 36, 3, 7, 7, True, dtype=dtype)
+    x, ws = mbconv_inputs(3, 20, 9, 7, dtype=dtype)
+    xl = x.to(memory_format=torch.channels_last)
+    results = []
+    for n in (1, 2):
+        with num_threads(n):
+            a = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 3, 7, 7, scale)
+            b = torch.ops.gcvit.window_attention_fwd(qkv[..., : 2 * 36], table, None, 3, 7, 7, scale) \
+                if False else torch.ops.gcvit.window_attention_fwd(torch.cat([qkv, qkv[..., :36]], -1), table,
+                                                                   None, 3, 7, 7, scale)
+            results.append((*a, *b, torch.ops.gcvit.fused_mbconv_fwd(x, *ws), torch.ops.gcvit.fused_mbconv_fwd(xl, *ws)))
+    for r1, r2 in zip(*results):
+        assert torch.equal(r1, r2)
+
+
+def test_thread_count_invariance_backward():
+    qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, True)
+    x, ws = mbconv_inputs(2, 16, 9, 9)
+    grads = []
+    for n in (1, 2):
+        with num_threads(n):
+            leaves = [t.detach().requires_grad_() for t in (qkv, table, gq)]
+            out, _ = torch.ops.gcvit.window_attention_fwd(leaves[0], leaves[1], leaves[2], 2, 7, 7, scale)
+            g1 = torch.autograd.grad(out.square().sum(), leaves)
+            mleaves = [t.detach().requires_grad_() for t in (x, *ws)]
+            g2 = torch.autograd.grad(torch.ops.gcvit.fused_mbconv_fwd(*mleaves).square().sum(), mleaves)
+            grads.append(g1 + g2)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_bad_attention_inputs_raise():
+    qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, False)
+    op = torch.ops.gcvit.window_attention_fwd
+    with pytest.raises(ValueError, match="not divisible by the window"):
+        op(qkv[:, :13], table, None, 2, 7, 7, scale)
+    with pytest.raises(ValueError, match="rel_pos_bias_table"):
+        op(qkv, table[:-1], None, 2, 7, 7, scale)
+    with pytest.raises(ValueError, match="S\\*num_heads"):
+        op(qkv, table, None, 5, 7, 7, scale)
+    with pytest.raises(ValueError, match="global_query"):
+        op(qkv[..., :64], table, torch.randn(2, 48, 32), 2, 7, 7, scale)
+    with pytest.raises(ValueError, match="stride 1"):
+        op(qkv.transpose(1, 3).contiguous().transpose(1, 3), table, None, 2, 7, 7, scale)
+    with pytest.raises(TypeError):
+        op(qkv.to(torch.int32), table, None, 2, 7, 7, scale)
+    # the C++ entry point itself checks too (RuntimeError from TORCH_CHECK, never a crash)
+    with pytest.raises(RuntimeError, match="not divisible by window"):
+        EXT.window_attention_fwd(qkv[:, :13], table, None, 2, 7, 7, scale)
+    with pytest.raises(RuntimeError, match="rel_pos_bias_table"):
+        EXT.window_attention_fwd(qkv, table[:3], None, 2, 7, 7, scale)
+    with pytest.raises(RuntimeError, match="not divisible by G"):
+        EXT.window_attention_fwd(qkv[..., :64], table, torch.randn(3, 49, 32), 2, 7, 7, scale)
+
+
+def test_bad_mbconv_inputs_raise():
+    x, (dw, r, e, p) = mbconv_inputs(2, 16, 8, 8)
+    op = torch.ops.gcvit.fused_mbconv_fwd
+    with pytest.raises(ValueError, match="dw_weight"):
+        op(x, dw[:, :, :2], r, e, p)
+    with pytest.raises(ValueError, match="se_expand_weight"):
+        op(x, dw, r, e[:, :2], p)
+    with pytest.raises(ValueError, match="pw_weight"):
+        op(x, dw, r, e, p[:8])
+    with pytest.raises(ValueError, match="4-D"):
+        op(x[0], dw, r, e, p)
+    with pytest.raises(RuntimeError, match="pw_weight"):
+        EXT.fused_mbconv_fwd(x, dw, r, e, p[:8])
+    with pytest.raises(RuntimeError, match="dtype"):
+        EXT.fused_mbconv_fwd(x.double(), dw.double(), r.double(), e.double(), p.double())
+
+
+def test_fallback_paths_match_reference(monkeypatch):
+    """Without the extension (or for dtypes it does not take) the CPU kernels run PyTorch math."""
+    qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, True)
+    x, ws = mbconv_inputs(2, 16, 9, 9)
+    monkeypatch.setattr(cpu, "_ext", None)
+    out, lse = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 2, 7, 7, scale)
+    torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), gq, scale), atol=ATOL32, rtol=RTOL32)
+    torch.testing.assert_close(lse.double(), reference_lse(qkv, table, gq, 2, 7, 7, scale), atol=1e-5, rtol=1e-5)
+    y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
+    torch.testing.assert_close(y, ref.fused_mbconv(x, *ws), atol=ATOL32, rtol=RTOL32)
+    monkeypatch.undo()
+    # fp16 is not a C++ dtype: the op still answers, through the PyTorch math in fp32
+    y16 = torch.ops.gcvit.fused_mbconv_fwd(x.half(), *(w.half() for w in ws))
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), ref.fused_mbconv(x.half().float(), *(w.half().float() for w in ws)),
+                               atol=1e-2, rtol=1e-2)
+
+
+def test_build_is_cached():
+    import os
+
+    d = cpu.build_directory()
+    assert os.path.isdir(d) and any(f.endswith(".so") for f in os.listdir(d))
+    assert EXT.capability() in ("AVX2", "DEFAULT")
+    assert cpu.available()
