@@ -10,7 +10,6 @@ import importlib.util
 import inspect
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -63,11 +62,13 @@ def assert_matches_reference(y, grads, y_ref, grads_ref, rtol, atol):
 # ---------------------------------------------------------------------------------------------- fp32 / fp64
 
 # (B, C, H, W, channels_last): every case crosses at least one tile edge; see the module docstring.
+# Tiles (see mbconv.DWCONV_CONFIG / GEMM_CONFIGS): 32 channels x 32 pixels for the depthwise
+# kernels, 64 x 64 with K chunks of 16 for the GEMMs.
 FP32_CASES = [
-    (1, 24, 7, 7, False),    # batch 1; C < every block; one pixel tile; 2 K chunks of 16
+    (1, 24, 7, 7, False),    # batch 1; C below every block; 2 K chunks (16 + 8); 49 pixels = 32 + 17
     (3, 24, 7, 7, True),     # batch 3, channels_last
-    (1, 40, 13, 13, False),  # 3 pixel tiles of 64, 2 channel tiles of 32 (32 + 8), 3 K chunks
-    (2, 36, 9, 11, True),    # H != W, channels_last, 2 pixel tiles, 2 channel tiles
+    (1, 40, 13, 13, False),  # 169 pixels: 3 GEMM pixel tiles, 6 depthwise ones; 2 channel tiles (32 + 8)
+    (2, 36, 9, 11, True),    # H != W, channels_last, 2 channel tiles (32 + 4), 3 K chunks (16 + 16 + 4)
 ]
 
 
@@ -312,20 +313,11 @@ def aot_jobs(dtype: str):
     return jobs
 
 
-def _assert_aot_clean(dtypes, archs=(80, 90)):
-    jobs = [{**job, "arch": arch} for dtype in dtypes for job in aot_jobs(dtype) for arch in archs]
-    kernels = {job["fn"] for job in jobs}
-    assert len(kernels) == 6, "every @triton.jit kernel of the module must be in the AOT jobs"
-    # two compile subprocesses side by side: the compiles are independent and this halves the wall time
-    halves = [jobs[0::2], jobs[1::2]]
-    with ThreadPoolExecutor(2) as pool:
-        reports = [r for half in pool.map(triton_aot.compile_reports, halves) for r in half]
-    jobs = halves[0] + halves[1]
-    failures = []
-    for job, report in zip(jobs, reports):
-        report["config"] = {k: job[k] for k in ("constexprs", "num_warps", "num_stages")}
-        failures += triton_aot.problems(report)
-    assert not failures, "\n".join(failures)
+def _assert_aot_clean(dtypes):
+    jobs = [job for dtype in dtypes for job in aot_jobs(dtype)]
+    kernels = {name for name in vars(mbconv) if name.startswith("_") and name.endswith("_kernel")}
+    assert {job["fn"].__name__ for job in jobs} == kernels, "every kernel of the module must be compiled"
+    triton_aot.assert_all_compile_clean(jobs, archs=(80, 90))
 
 
 def test_aot_compile_every_kernel_and_config_fp32_bf16():
