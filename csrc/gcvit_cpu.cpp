@@ -20,6 +20,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <ATen/cpu/vec/functional.h>
@@ -349,69 +350,76 @@ void dw_gelu_pool_nchw(const at::Tensor& x, const at::Tensor& w9, at::Tensor& t,
 }
 
 // channels_last: one task per (b, y) row, vectorised over channels; row sums to a (B, H, C) buffer
-// which is reduced over H in a fixed order afterwards.
+// which is reduced over H in a fixed order afterwards. w9t is (9, Cp), zero-padded to a whole vector.
 template <typename T>
 void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t, at::Tensor& sums) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cp = round_up(C, VL);
   const T* xp = x.data_ptr<T>();  // memory (B, H, W, C)
   T* tp = t.data_ptr<T>();
-  const float* wp = w9t.data_ptr<float>();  // (9, C)
+  const float* wp = w9t.data_ptr<float>();
   auto rows = at::empty({B, H, C}, x.options().dtype(at::kFloat));
   float* rp = rows.data_ptr<float>();
   const int64_t Cv = C / VL * VL;
+  const int64_t Wp = W + 2;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    const int64_t Cp = round_up(C, VL);
-    std::vector<float> in(3 * (W + 2) * Cp, 0.f), acc(Cp), rsum(Cp);
+    std::vector<float> in(3 * Wp * Cp, 0.f), acc(W * Cp), rsum(Cp);
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / H, y = by % H;
-      // three padded input rows in fp32
+      // three zero-padded input rows in fp32, (3, W + 2, Cp)
       for (int64_t ky = 0; ky < 3; ++ky) {
         const int64_t yy = y + ky - 1;
-        float* dst = in.data() + ky * (W + 2) * Cp;
+        float* dst = in.data() + ky * Wp * Cp;
         if (yy < 0 || yy >= H) {
-          std::fill(dst, dst + (W + 2) * Cp, 0.f);
+          std::fill(dst, dst + Wp * Cp, 0.f);
           continue;
         }
-        std::fill(dst, dst + Cp, 0.f);
-        std::fill(dst + (W + 1) * Cp, dst + (W + 2) * Cp, 0.f);
         const T* src = xp + ((b * H + yy) * W) * C;
-        for (int64_t xx = 0; xx < W; ++xx) load_row(src + xx * C, dst + (xx + 1) * Cp, C, 1.f);
-      }
-      std::fill(rsum.begin(), rsum.end(), 0.f);
-      T* trow = tp + ((b * H + y) * W) * C;
-      for (int64_t xx = 0; xx < W; ++xx) {
-        for (int64_t c = 0; c < Cp; c += VL) {
-          Vec a(0.f);
-          for (int64_t ky = 0; ky < 3; ++ky) {
-            const float* ir = in.data() + (ky * (W + 2) + xx) * Cp + c;
-            for (int64_t kx = 0; kx < 3; ++kx)
-              a = at::vec::fmadd(Vec::loadu(wp + (ky * 3 + kx) * C + c, std::min<int64_t>(VL, C - c)),
-                                 Vec::loadu(ir + kx * Cp), a);
-          }
-          a = gelu_vec(a);
-          a.store(acc.data() + c);
-        }
-        // padded lanes (c >= C) have zero weights, so gelu(0) = 0 there
-        if constexpr (std::is_same_v<T, float>) {
-          for (int64_t c = 0; c < Cv; c += VL) {
-            Vec a = Vec::loadu(acc.data() + c);
-            a.store(trow + xx * C + c);
-            (Vec::loadu(rsum.data() + c) + a).store(rsum.data() + c);
-          }
-          for (int64_t c = Cv; c < C; ++c) {
-            trow[xx * C + c] = acc[c];
-            rsum[c] += acc[c];
-          }
+        if (Cp == C && std::is_same_v<T, float>) {
+          std::copy(src, src + W * C, dst + Cp);
         } else {
-          for (int64_t c = 0; c < C; ++c) {
-            trow[xx * C + c] = static_cast<T>(acc[c]);
-            rsum[c] += acc[c];
-          }
+          for (int64_t xx = 0; xx < W; ++xx) load_row(src + xx * C, dst + (xx + 1) * Cp, C, 1.f);
         }
+      }
+      // channel vector outer (9 weight vectors stay in registers), pixels inner
+      for (int64_t c = 0; c < Cp; c += VL) {
+        Vec wv[9];
+        for (int k = 0; k < 9; ++k) wv[k] = Vec::loadu(wp + k * Cp + c);
+        Vec vs(0.f);
+        const float* i0 = in.data() + c;
+        const float* i1 = i0 + Wp * Cp;
+        const float* i2 = i1 + Wp * Cp;
+        for (int64_t xx = 0; xx < W; ++xx) {
+          const int64_t o = xx * Cp;
+          Vec a = wv[0] * Vec::loadu(i0 + o);
+          a = at::vec::fmadd(wv[1], Vec::loadu(i0 + o + Cp), a);
+          a = at::vec::fmadd(wv[2], Vec::loadu(i0 + o + 2 * Cp), a);
+          a = at::vec::fmadd(wv[3], Vec::loadu(i1 + o), a);
+          a = at::vec::fmadd(wv[4], Vec::loadu(i1 + o + Cp), a);
+          a = at::vec::fmadd(wv[5], Vec::loadu(i1 + o + 2 * Cp), a);
+          a = at::vec::fmadd(wv[6], Vec::loadu(i2 + o), a);
+          a = at::vec::fmadd(wv[7], Vec::loadu(i2 + o + Cp), a);
+          a = at::vec::fmadd(wv[8], Vec::loadu(i2 + o + 2 * Cp), a);
+          a = gelu_vec(a);  // padded lanes: zero weights, gelu(0) = 0
+          vs = vs + a;
+          a.store(acc.data() + o + c);
+        }
+        vs.store(rsum.data() + c);
+      }
+      T* trow = tp + ((b * H + y) * W) * C;
+      if (Cp == C) {
+        if constexpr (std::is_same_v<T, float>) {
+          std::copy(acc.begin(), acc.begin() + W * C, trow);
+        } else {
+          store_row(acc.data(), trow, W * C);
+        }
+      } else {
+        for (int64_t xx = 0; xx < W; ++xx) store_row(acc.data() + xx * Cp, trow + xx * C, C);
       }
       std::copy(rsum.begin(), rsum.begin() + C, rp + by * C);
     }
   });
+  (void)Cv;
   sums.copy_(rows.sum(1));
 }
 
@@ -439,7 +447,9 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   at::Tensor sums = at::empty({B, C}, x.options().dtype(at::kFloat));
   at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
   if (cl) {
-    at::Tensor w9t = w9.t().contiguous();
+    const int64_t Cp = round_up(C, VL);
+    at::Tensor w9t = at::zeros({9, Cp}, w9.options());
+    w9t.narrow(1, 0, C).copy_(w9.t());
     if (x.scalar_type() == at::kFloat)
       dw_gelu_pool_nhwc<float>(xc, w9t, t, sums);
     else
