@@ -635,7 +635,17 @@ def window_attention_triton(qkv, rel_pos_bias_table, num_heads, window_size, glo
 # ---------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("gcvit::window_attention_fwd", mutates_args=(), device_types="cuda")
+# explicit schemas: the CPU kernels (gcvit_kernels.cpu) are written against exactly these (int, not SymInt)
+WINDOW_ATTENTION_FWD_SCHEMA = ("(Tensor qkv, Tensor rel_pos_bias_table, Tensor? global_query, int num_heads, "
+                               "int window_h, int window_w, float scale) -> (Tensor out, Tensor lse)")
+WINDOW_ATTENTION_BWD_SCHEMA = ("(Tensor grad_out, Tensor qkv, Tensor rel_pos_bias_table, Tensor? global_query, "
+                               "Tensor out, Tensor lse, int num_heads, int window_h, int window_w, float scale, "
+                               "bool deterministic) -> (Tensor grad_qkv, Tensor grad_rel_pos_bias_table, "
+                               "Tensor grad_global_query)")
+
+
+@torch.library.custom_op("gcvit::window_attention_fwd", mutates_args=(), device_types="cuda",
+                         schema=WINDOW_ATTENTION_FWD_SCHEMA)
 def _window_attention_fwd_op(qkv: torch.Tensor, rel_pos_bias_table: torch.Tensor,
                              global_query: Optional[torch.Tensor], num_heads: int, window_h: int, window_w: int,
                              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -651,7 +661,8 @@ def _window_attention_fwd_fake(qkv, rel_pos_bias_table, global_query, num_heads,
             qkv.new_empty(num_windows, num_heads, window_h * window_w, dtype=torch.float32))
 
 
-@torch.library.custom_op("gcvit::window_attention_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("gcvit::window_attention_bwd", mutates_args=(), device_types="cuda",
+                         schema=WINDOW_ATTENTION_BWD_SCHEMA)
 def _window_attention_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, rel_pos_bias_table: torch.Tensor,
                              global_query: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                              num_heads: int, window_h: int, window_w: int, scale: float,

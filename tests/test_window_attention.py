@@ -193,3 +193,154 @@ def test_unsupported_reason_accepts_valid_inputs():
         qkv, table, global_query = make_inputs(1, 14, 14, (7, 7), 2, 32, is_global)
         assert wa.unsupported_reason(qkv, table, 2, (7, 7), global_query) is None
         assert wa.unsupported_reason(qkv, table, 2, 7, global_query) is None
+
+
+# ---------------------------------------------------------------------------------------- AOT compile for sm_80/90
+
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_FP32_POINTERS = ("lse_ptr", "grad_global_query_partial_ptr", "grad_bias_partial_ptr", "grad_table_ptr")
+
+
+def _signature(kernel, dtype, constexprs):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_POINTERS else _POINTER_TYPES[dtype]
+        elif name.startswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_jobs(window, head_dim, dtype, is_global, num_heads=4):
+    """Every kernel of one (window, head_dim, dtype, local/global) case with the launch config it would get."""
+    wh, ww = window
+    tokens = wh * ww
+    common = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WINDOW_H=wh, WINDOW_W=ww, GLOBAL_QUERY=is_global,
+                  ACC_DTYPE=tl.float32, INPUT_PRECISION=wa._input_precision(dtype))
+    jobs = []
+    for kernel, config in ((wa._window_attention_fwd_kernel, wa.forward_config(tokens, head_dim)),
+                           (wa._window_attention_bwd_dkdv_kernel, wa.backward_dkdv_config(tokens, head_dim)),
+                           (wa._window_attention_bwd_dq_dbias_kernel, wa.backward_dq_dbias_config(tokens, head_dim)),
+                           (wa._rel_pos_bias_grad_gather_kernel, wa.gather_config(tokens))):
+        constexprs = {k: v for k, v in {**common, **config}.items() if k in kernel.arg_names}
+        jobs.append(dict(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
+                         num_warps=config["num_warps"], num_stages=config.get("num_stages", 2)))
+    return jobs
+
+
+# Launch configs depend on (tokens, head_dim); the default run compiles one window per distinct block shape
+# with GC ViT's head_dim 32 in fp16 (local: the global kernel differs only in where q is read); the sweep
+# over every variant window, head_dim 16..128, dtype and local/global is marked slow (about an hour on 2 cores).
+AOT_DEFAULT_CASES = [((7, 7), 32, torch.float16, False), ((12, 12), 32, torch.float16, False),
+                     ((24, 24), 32, torch.float16, False), ((7, 7), 32, torch.bfloat16, True)]
+AOT_SWEEP_CASES = [(window, head_dim, dtype, is_global)
+                   for window in ((7, 7), (12, 12), (14, 14), (16, 16), (24, 24), (32, 32), (10, 6))
+                   for head_dim in (16, 32, 64, 128)
+                   for dtype in (torch.float16, torch.bfloat16, torch.float32)
+                   for is_global in (False, True)]
+
+
+def _dedupe(jobs):
+    seen, unique = set(), []
+    for job in jobs:
+        key = (job["fn"].__name__ if hasattr(job["fn"], "__name__") else id(job["fn"]),
+               tuple(sorted(job["signature"].items())), tuple(sorted((k, str(v)) for k, v in job["constexprs"].items())),
+               job["num_warps"], job["num_stages"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(job)
+    return unique
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_spills():
+    import triton_aot
+
+    jobs = _dedupe([job for case in AOT_DEFAULT_CASES for job in aot_jobs(*case)])
+    reports = triton_aot.assert_all_compile_clean(jobs, archs=(80, 90))
+    assert len(reports) == 2 * len(jobs) and all(r["registers"] > 0 for r in reports)
+
+
+@pytest.mark.slow
+def test_every_launch_config_compiles_for_sm80_and_sm90_without_spills():
+    import triton_aot
+
+    jobs = _dedupe([job for case in AOT_SWEEP_CASES for job in aot_jobs(*case)])
+    triton_aot.assert_all_compile_clean(jobs, archs=(80, 90))
+
+
+# ------------------------------------------------------------------------------------- custom ops and compile
+
+_OP_SCRIPT = textwrap.dedent('''
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from gcvit import functional as ref
+    from gcvit_kernels import window_attention as wa
+
+    # test-only, in this throwaway process: route the ops' CPU dispatch to the Triton launches (interpreter)
+    torch.library.register_kernel("gcvit::window_attention_fwd", "cpu", wa.window_attention_fwd_triton)
+    torch.library.register_kernel("gcvit::window_attention_bwd", "cpu", wa.window_attention_bwd_triton)
+    fwd, bwd = torch.ops.gcvit.window_attention_fwd, torch.ops.gcvit.window_attention_bwd
+    assert str(fwd.default._schema) == "gcvit::window_attention_fwd" + wa.WINDOW_ATTENTION_FWD_SCHEMA == (
+        "gcvit::window_attention_fwd(Tensor qkv, Tensor rel_pos_bias_table, Tensor? global_query, int num_heads, "
+        "int window_h, int window_w, float scale) -> (Tensor out, Tensor lse)"), fwd.default._schema
+    assert str(bwd.default._schema) == "gcvit::window_attention_bwd" + wa.WINDOW_ATTENTION_BWD_SCHEMA, \\
+        bwd.default._schema
+
+    torch.manual_seed(0)
+    for is_global in (False, True):
+        qkv = torch.randn(2, 3, 4, (2 if is_global else 3) * 16, dtype=torch.float64, requires_grad=True)
+        table = torch.randn(15, 1, dtype=torch.float64, requires_grad=True)
+        gq = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True) if is_global else None
+        torch.library.opcheck(fwd.default, (qkv, table, gq, 1, 3, 2, 0.25))
+        out, lse = fwd(qkv, table, gq, 1, 3, 2, 0.25)
+        grad_out = torch.randn_like(out)
+        # the backward op has no double backward, so its AOT-dispatch (autograd) check does not apply
+        torch.library.opcheck(bwd.default, (grad_out, qkv.detach(), table.detach(), gq, out.detach(), lse, 1, 3, 2,
+                                            0.25, True), test_utils=("test_schema", "test_faketensor"))
+        inputs = [t for t in (qkv, table, gq) if t is not None]
+        compiled = torch.compile(wa.window_attention, fullgraph=True, backend="aot_eager")
+        got = compiled(qkv, table, 1, (3, 2), gq, 0.25)
+        want = ref.window_attention(qkv, table, 1, (3, 2), gq, 0.25)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    print("OK")
+''')
+
+
+def test_custom_ops_opcheck_and_fullgraph_compile():
+    """opcheck (schema, fake impls, autograd registration, AOT dispatch) and a fullgraph torch.compile trace.
+
+    Runs in a fresh process because it registers test-only CPU kernels (the Triton interpreter) for the ops,
+    which must not leak into the C++ CPU kernels gcvit_kernels.cpu registers for the rest of the suite."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _OP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_benchmark_module_smoke():
+    """The benchmark file's case table and step builders, run on one tiny case (interpreter on CPU)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "test_bench_window_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_window_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = bench.attention_cases()
+    assert {(c["window"], c["fmap"]) for c in cases if c["variant"] == "large384"} == {(12, 96), (12, 48), (24, 24),
+                                                                                     (12, 12)}
+    assert all(c["channels"] // c["num_heads"] == 32 for c in cases)
+    case = dict(variant="smoke", stage=0, batch=1, fmap=7, window=7, channels=16, num_heads=1, is_global=True)
+    inputs = bench.make_inputs(case, "cpu", torch.float32)
+    outs = {name: bench.implementation(name, case)(*inputs) for name in ("fused", "reference", "sdpa")}
+    for name in ("fused", "sdpa"):
+        torch.testing.assert_close(outs[name], outs["reference"], atol=2e-5, rtol=0)
+    bench.make_step(bench.implementation("fused", case), inputs, "fwd_bwd")()
+    assert bench.workload(case, torch.float16, "fwd_bwd")["flops"] > bench.workload(case, torch.float16, "fwd")["flops"]
