@@ -258,6 +258,20 @@ def test_custom_op_autograd_matches_triton_path(triton_cpu_kernels):
         assert torch.equal(got, want)
 
 
+def test_backward_op_rejects_a_bad_grad_out(triton_cpu_kernels):
+    x, weights = make_inputs(1, 8, 5, 5)
+    with pytest.raises(ValueError, match=r"grad_out must have x's shape \(1, 8, 5, 5\)"):
+        torch.ops.gcvit.fused_mbconv_bwd(torch.randn(1, 8, 5, 4), x, *weights)
+    with pytest.raises(TypeError, match="grad_out must have x's dtype torch.float32"):
+        torch.ops.gcvit.fused_mbconv_bwd(torch.randn_like(x).double(), x, *weights)
+
+
+def test_ops_have_cuda_and_fake_kernels():
+    for name in ("gcvit::fused_mbconv_fwd", "gcvit::fused_mbconv_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"), name
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph(triton_cpu_kernels, backend):
     torch._dynamo.reset()
