@@ -17,7 +17,8 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
 * ``GCVIT_BENCH_TINY=1``: xxtiny at 64x64 with 2x2 windows, batch 1, one round: reference and fused, inference
-  and training, plus Swin-T eager (the CI smoke test, tests/test_benchmark_smoke.py).
+  and training, plus Swin-T eager (the CI smoke test, tests/test_benchmark_smoke.py); ``GCVIT_BENCH_TINY=all``:
+  the compiled modes and ONNX Runtime too at that shape (the smoke test marked slow).
 
 Interleaving (the machines are noisy): every non-reference case runs its timed rounds alternately with rounds of
 its group's reference eager model (pytest-benchmark's ``setup`` runs the reference round, so pytest-benchmark's
@@ -72,7 +73,7 @@ def _env_int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Settings:
     device: str
-    grid: str  # "default", "full" or "tiny"
+    grid: str  # "default", "full", "tiny" or "tiny-all"
     dtype: str
     rounds: int  # timed rounds per case (each interleaved with one reference round)
     iters: int  # steps per round
@@ -89,14 +90,16 @@ class Settings:
 
 def current_settings() -> Settings:
     device = os.environ.get("GCVIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    grid = "tiny" if _env_flag("GCVIT_BENCH_TINY") else "full" if _env_flag("GCVIT_BENCH_FULL") else "default"
+    tiny = os.environ.get("GCVIT_BENCH_TINY", "")
+    grid = ("tiny-all" if tiny == "all" else "tiny" if _env_flag("GCVIT_BENCH_TINY") else
+            "full" if _env_flag("GCVIT_BENCH_FULL") else "default")
     if device == "cuda":
         dtype, rounds, iters, warmup = "bf16", 10, 5, 5
         infer_p, train_p = "pure bf16 (weights and input in bf16)", "fp32 weights, bf16 autocast"
     else:
         dtype, rounds, iters, warmup = "fp32", (4 if grid == "full" else 3), 1, 1
         infer_p = train_p = "fp32"
-    if grid == "tiny":
+    if grid.startswith("tiny"):
         rounds, iters, warmup = 1, 1, 0
     return Settings(device=device, grid=grid, dtype=dtype, rounds=_env_int("GCVIT_BENCH_ROUNDS", rounds),
                     iters=_env_int("GCVIT_BENCH_ITERS", iters), warmup=_env_int("GCVIT_BENCH_WARMUP", warmup),
@@ -165,6 +168,11 @@ TIMM_ALL = TIMM_EAGER + ((SWIN, "compile"), (CONVNEXT, "compile"))
 
 
 def build_cases(settings: Settings) -> List[Case]:
+    if settings.grid == "tiny-all":  # every code path at the tiny shape (compiled modes, ONNX Runtime)
+        extra = CPU_INFER_EXTRA if settings.device == "cpu" else ()
+        return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER + COMPILED + extra, ((SWIN, "compile"),),
+                       window_size=2)
+                + _group("xxtiny", "train", 1, 64, settings.dtype, COMPILED, window_size=2))
     if settings.grid == "tiny":
         return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER, ((SWIN, ""),), window_size=2)
                 + _group("xxtiny", "train", 1, 64, settings.dtype, EAGER, window_size=2))
