@@ -163,8 +163,17 @@ class BenchCollector:
             "versions": versions(),
             "git": git_info(),
             "settings": self.settings,
+            "summary": self.summary(),
             "results": self.records,
         }
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """{group: {mode: speed-up vs the group's reference eager (interleaved, this run), or the skip reason}}."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for r in self.records:
+            value = r.get("speedup_vs_reference") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}"
+            out.setdefault(r["group"], {})[r["mode"]] = round(value, 3) if isinstance(value, float) else value
+        return out
 
     def write(self, exitstatus) -> Optional[str]:
         path = self.output_path()
