@@ -319,10 +319,10 @@ def _dwconv_transpose_residual_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # (channel, pixel) tiles of the elementwise-style kernels (pool, dwconv grad, dwconv transpose):
-# 8 elements per thread per tap. 32x64 tiles spilled on sm_90 (pool kernel with 4 warps, grad
-# kernel with 8, which ptxas caps at 128 registers); 32x32 and 16x64 compile clean, 32 channels
-# by 32 pixels keeps both NCHW (pixels contiguous) and channels_last (channels contiguous) rows.
-DWCONV_CONFIG = dict(BLOCK_C=32, BLOCK_P=32, num_warps=4, num_stages=2)
+# 4 elements per thread per tap, ~64 registers. Larger per-thread shares spilled on sm_80/sm_90
+# (32x64 with 4 or 8 warps, 32x32 with 4 warps for fp16 in the dwconv grad kernel); 32 channels by
+# 32 pixels keeps whole rows for both NCHW (pixels contiguous) and channels_last (channels contiguous).
+DWCONV_CONFIG = dict(BLOCK_C=32, BLOCK_P=32, num_warps=8, num_stages=2)
 # GEMM tiles (BLOCK_M: output rows of the GEMM, BLOCK_N: pixels). The taller tile for C >= 256
 # halves how often t is rebuilt per element (C / BLOCK_M times). BLOCK_K = 16, 8 warps and
 # num_stages = 1 because the rebuilt operand and the epilogue's depthwise conv are what fill the
