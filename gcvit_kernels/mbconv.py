@@ -10,8 +10,10 @@ Math (the reference is ``gcvit.functional.fused_mbconv``; no norm, no bias)::
 
 Layouts: ``x`` is (B, C, H, W), NCHW-contiguous or channels_last. Every kernel addresses ``x``,
 ``grad_out`` and its own (B, C, H, W) buffers through their four strides, so both memory formats
-(and any other strided view) run without a copy; outputs and buffers are allocated with
-``empty_like(x)`` and so come back in ``x``'s memory format. Weights are made contiguous (they are
+run without a copy; outputs and buffers are allocated with ``empty_like(x)``, which for these two
+dense layouts has exactly ``x``'s strides (the kernels rely on that), so results come back in
+``x``'s memory format. Other layouts of ``x`` are reported by ``unsupported_reason``; ``grad_out``
+may have any strides. Weights are made contiguous (they are
 tiny). Inputs may be fp16/bf16/fp32 (fp32 accumulation) or fp64 (fp64 accumulation, used by the
 gradcheck tests). ``tl.dot`` runs with ``input_precision="ieee"`` so fp32 means fp32, not TF32.
 
@@ -377,6 +379,8 @@ def _input_problem(x, dw_weight, se_reduce_weight, se_expand_weight, pw_weight):
             return TypeError, f"{name} must have x's dtype {x.dtype}, got {t.dtype}"
     if x.dim() != 4:
         return ValueError, f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}"
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return ValueError, f"x must be NCHW-contiguous or channels_last, got strides {x.stride()}"
     b, c, h, w = x.shape
     if min(b, c, h, w) < 1:
         return ValueError, f"x must have no empty dimension, got shape {tuple(x.shape)}"

@@ -184,6 +184,7 @@ def _bad_inputs():
         ("pw shape", (x, dw, se_r, se_e, pw[:4]), ValueError, r"pw_weight must have shape \(8, 8, 1, 1\)"),
         ("not a tensor", (x, dw, se_r, se_e, pw.tolist()), TypeError, "pw_weight must be a torch.Tensor"),
         ("empty", (x[:0], dw, se_r, se_e, pw), ValueError, "no empty dimension"),
+        ("x strided", (x[..., ::2], dw, se_r, se_e, pw), ValueError, "NCHW-contiguous or channels_last"),
     ]
 
 
