@@ -87,9 +87,9 @@ def test_fp32_forward_backward_match_reference(b, c, h, w, channels_last):
     assert grads[0].is_contiguous(memory_format=memory_format), "grad_x must keep x's memory format"
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fp64_gradcheck(channels_last):
-    x, weights = make_inputs(2, 8, 5, 5, dtype=torch.float64, channels_last=channels_last, c_rd=3)
+def test_fp64_gradcheck():
+    # channels_last only: NCHW gradients are held to 1e-12 against the reference's autograd below
+    x, weights = make_inputs(2, 8, 5, 5, dtype=torch.float64, channels_last=True, c_rd=3)
     inputs = [t.requires_grad_() for t in [x, *weights]]
     assert torch.autograd.gradcheck(mbconv.fused_mbconv_triton, inputs, fast_mode=True)
 
