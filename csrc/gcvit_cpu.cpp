@@ -173,6 +173,10 @@ at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_
   return bias;
 }
 
+// One task = one window and a group of heads [h0, h1) (all heads unless there are too few windows to
+// keep every thread busy). Each token's qkv row is read once, contiguously, for all the task's heads;
+// the next window's rows are prefetched while this one computes. Every (window, head) result is computed
+// by the same arithmetic whatever the grouping, so results do not depend on the thread count.
 template <typename T>
 void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor* gq, int64_t heads, int64_t wh,
                    int64_t ww, float scale, at::Tensor& out, at::Tensor& lse) {
@@ -193,64 +197,80 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   const float* biasp = bias.data_ptr<float>();
   T* outp = out.data_ptr<T>();
   float* lsep = lse.data_ptr<float>();
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t groups = nw_total >= 4 * nthreads ? 1 : std::min<int64_t>(heads, (4 * nthreads + nw_total - 1) / nw_total);
+  const int64_t hpg = (heads + groups - 1) / groups;  // heads per group
 
-  at::parallel_for(0, nw_total * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(n * d + VL), ktbuf(d * np), vbuf(n * dp, 0.f), sbuf(n * np), obuf(n * dp);
-    std::fill(qbuf.begin(), qbuf.end(), 0.f);
-    std::fill(ktbuf.begin(), ktbuf.end(), 0.f);
-    float* qb = qbuf.data();
-    float* ktb = ktbuf.data();
-    float* vb = vbuf.data();
+  auto token_ptr = [&](int64_t w, int64_t t) {
+    const int64_t b = w / nwin, r = w % nwin, wy = r / nwx, wx = r % nwx;
+    const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
+    return base + b * sB + y * sH + x * sW;
+  };
+
+  at::parallel_for(0, nw_total * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(hpg * n * d + VL), ktbuf(hpg * d * np, 0.f), vbuf(hpg * n * dp, 0.f), sbuf(n * np),
+        obuf(n * dp), invbuf(n);
     float* sb = sbuf.data();
     float* ob = obuf.data();
+    float* invp = invbuf.data();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t w = task / heads, h = task % heads;
+      const int64_t w = task / groups, grp = task % groups;
+      const int64_t h0 = grp * hpg, h1 = std::min(heads, h0 + hpg);
+      if (h0 >= h1) continue;
       const int64_t b = w / nwin, r = w % nwin, wy = r / nwx, wx = r % nwx;
-      // pack Q (scaled), K^T, V
+      // pack Q (scaled), K^T, V of heads [h0, h1)
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
-        const T* px = base + b * sB + y * sH + x * sW;
-        const T* kp = px + (S - 2) * C + h * d;
-        const T* vp = px + (S - 1) * C + h * d;
-        const T* qp = gq ? gbase + ((w / per_g) * n + t) * C + h * d : px + h * d;
-        load_row(qp, qb + t * d, d, scale);
-        for (int64_t k = 0; k < d; ++k) ktb[k * np + t] = static_cast<float>(kp[k]);
-        load_row(vp, vb + t * dp, d, 1.f);
-      }
-      const float* bh = biasp + h * n * np;
-      qk_all(qb, n, d, ktb, np, bh, sb);
-      // softmax rows (unnormalised), keep 1/sum for the output
-      float inv[1024];
-      float* invp = n <= 1024 ? inv : nullptr;
-      std::vector<float> inv_heap;
-      if (!invp) {
-        inv_heap.resize(n);
-        invp = inv_heap.data();
-      }
-      for (int64_t ii = 0; ii < n; ++ii) {
-        float* row = sb + ii * np;
-        Vec vmax(-std::numeric_limits<float>::infinity());
-        for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-        const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-        const Vec mv(m);
-        Vec vsum(0.f);
-        // exp_u20: ATen's polynomial exp (max error ~20 ulp, 0 for -inf padding), much cheaper than Sleef
-        for (int64_t j = 0; j < np; j += VL) {
-          Vec e = (Vec::loadu(row + j) - mv).exp_u20();
-          e.store(row + j);
-          vsum = vsum + e;
+        const T* px = token_ptr(w, t);
+        const T* qrow = gq ? gbase + ((w / per_g) * n + t) * C : px;
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t hl = h - h0;
+          load_row(qrow + h * d, qbuf.data() + (hl * n + t) * d, d, scale);
+          const T* kp = px + (S - 2) * C + h * d;
+          float* kt = ktbuf.data() + hl * d * np + t;
+          for (int64_t k = 0; k < d; ++k) kt[k * np] = static_cast<float>(kp[k]);
+          load_row(px + (S - 1) * C + h * d, vbuf.data() + (hl * n + t) * dp, d, 1.f);
         }
-        const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-        invp[ii] = 1.f / ssum;
-        lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
       }
-      pv_all(sb, np, n, vb, dp, ob);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
-        T* op = outp + ((b * H + y) * W + x) * C + h * d;
-        const float sc = invp[t];
-        const float* orow = ob + t * dp;
-        for (int64_t k = 0; k < d; ++k) op[k] = static_cast<T>(orow[k] * sc);
+      // prefetch the next task's token rows (a different window) while this one computes
+      if (task + 1 < end && (task + 1) / groups != w) {
+        const int64_t row_bytes = S * C * static_cast<int64_t>(sizeof(T));
+        for (int64_t t = 0; t < n; ++t) {
+          const char* px = reinterpret_cast<const char*>(token_ptr(w + 1, t));
+          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(px + off, 0, 1);
+        }
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t hl = h - h0;
+        const float* qb = qbuf.data() + hl * n * d;
+        const float* ktb = ktbuf.data() + hl * d * np;
+        const float* vb = vbuf.data() + hl * n * dp;
+        qk_all(qb, n, d, ktb, np, biasp + h * n * np, sb);
+        // softmax rows (unnormalised), keep 1/sum for the output
+        for (int64_t ii = 0; ii < n; ++ii) {
+          float* row = sb + ii * np;
+          Vec vmax(-std::numeric_limits<float>::infinity());
+          for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+          const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+          const Vec mv(m);
+          Vec vsum(0.f);
+          // exp_u20: ATen's polynomial exp (max error ~20 ulp, 0 for the -inf padding), cheaper than Sleef
+          for (int64_t j = 0; j < np; j += VL) {
+            Vec e = (Vec::loadu(row + j) - mv).exp_u20();
+            e.store(row + j);
+            vsum = vsum + e;
+          }
+          const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+          invp[ii] = 1.f / ssum;
+          lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
+        }
+        pv_all(sb, np, n, vb, dp, ob);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
+          T* op = outp + ((b * H + y) * W + x) * C + h * d;
+          const float sc = invp[t];
+          const float* orow = ob + t * dp;
+          for (int64_t k = 0; k < d; ++k) op[k] = static_cast<T>(orow[k] * sc);
+        }
       }
     }
   });
