@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -48,25 +48,53 @@ def _kernel_module(name: str):
         return None, f"gcvit_kernels.{name} could not be imported: {exc}"
 
 
-def _backend(module_name: str, op: str, device: torch.device) -> Tuple[Optional[object], Optional[str]]:
-    """(callable, None) for the fused implementation of ``op`` on ``device``, or (None, reason)."""
+class Fused(NamedTuple):
+    """A fused op and its input check, or the reason there is none."""
+    op: Optional[Callable]
+    unsupported_reason: Optional[Callable]
+    reason: Optional[str]
+
+
+_OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"))
+# (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
+# torch.compile traces only a dict lookup, never an import or a C++ build.
+_resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
+
+
+def _resolve(module_name: str, op: str, device_type: str, forced: Optional[str]) -> Fused:
     module, reason = _kernel_module(module_name)
     if module is None:
-        return None, reason
-    if _forced_backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return None, "Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        return getattr(module, f"{op}_triton"), None
-    if device.type == "cuda":
-        return getattr(module, op), None
-    if device.type == "cpu":
+        return Fused(None, None, reason)
+    if forced == "triton":
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return Fused(None, None, "Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        return Fused(getattr(module, f"{op}_triton"), module.unsupported_reason, None)
+    if device_type == "cpu":
         cpu, reason = _kernel_module("cpu")
         if cpu is None:
-            return None, reason
+            return Fused(None, None, reason)
         if not cpu.available():
-            return None, "the C++ CPU kernels are not built (see the warning from gcvit_kernels.cpu)"
-        return getattr(module, op), None
-    return None, f"no fused kernel for device type {device.type!r}"
+            return Fused(None, None, f"the C++ CPU kernels are not available ({cpu.load_error()})")
+    elif device_type != "cuda":
+        return Fused(None, None, f"no fused kernel for device type {device_type!r}")
+    return Fused(getattr(module, op), module.unsupported_reason, None)
+
+
+def _backend(module_name: str, op: str, device: torch.device) -> Fused:
+    """The fused implementation of ``op`` on ``device``, or the reason there is none."""
+    key = (module_name, op, device.type, _forced_backend)
+    if key not in _resolved:
+        _resolved[key] = _resolve(*key)
+    return _resolved[key]
+
+
+def prepare(device_types=("cpu", "cuda")) -> None:
+    """Resolve the fused backends ahead of time (imports, the C++ build on first use ever, then cached)."""
+    for device_type in device_types:
+        if device_type == "cuda" and not torch.cuda.is_available():
+            continue
+        for module_name, op in _OPS:
+            _backend(module_name, op, torch.device(device_type))
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -79,21 +107,21 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
     """The attention of one block on a normalised (B, H, W, C) map; returns (B, H, W, C) after the projection."""
     if not attn.fused:
         return attn.forward_reference(x, global_query)
-    impl, reason = _backend("window_attention", "window_attention", x.device)
-    if impl is not None and attn.training and attn.attn_drop.p > 0:
-        impl, reason = None, "attention dropout is not fused"
-    if impl is None:
+    fused = _backend("window_attention", "window_attention", x.device)
+    reason = fused.reason
+    if fused.op is not None and attn.training and attn.attn_drop.p > 0:
+        reason = "attention dropout is not fused"
+    if reason is not None:
         warn_once("window attention", reason)
         return attn.forward_reference(x, global_query)
     # the projections are per token, so they run on the whole map and the kernel reads windows in place
     qkv = attn.qkv(x)
     table = attn.rel_pos.relative_position_bias_table.to(qkv.dtype)
-    if global_query is not None:
-        global_query = global_query.to(qkv.dtype)
-    kernels, _ = _kernel_module("window_attention")
-    reason = kernels.unsupported_reason(qkv, table, attn.num_heads, attn.window_size, global_query)
+    if global_query is not None:  # one per image, tiny: make it the dense (B, wh, ww, C) the kernels index
+        global_query = global_query.to(qkv.dtype).contiguous()
+    reason = fused.unsupported_reason(qkv, table, attn.num_heads, attn.window_size, global_query)
     if reason is None:
-        out = impl(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+        out = fused.op(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
     else:
         warn_once("window attention", reason)
         out = ref.window_attention(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
@@ -104,13 +132,14 @@ def fused_mbconv(block, x: torch.Tensor) -> torch.Tensor:
     """One Fused-MBConv block on an NCHW (or channels-last) map."""
     weights = block.weights()
     if block.fused:
-        impl, reason = _backend("mbconv", "fused_mbconv", x.device)
-        if impl is not None:
+        fused = _backend("mbconv", "fused_mbconv", x.device)
+        reason = fused.reason
+        if fused.op is not None:
             dtype = _autocast_dtype(x.device)
             if dtype is not None:
                 x, weights = x.to(dtype), tuple(w.to(dtype) for w in weights)
-            reason = importlib.import_module("gcvit_kernels.mbconv").unsupported_reason(x, *weights)
+            reason = fused.unsupported_reason(x, *weights)
             if reason is None:
-                return impl(x, *weights)
+                return fused.op(x, *weights)
         warn_once("Fused-MBConv", reason)
     return ref.fused_mbconv(x, *weights)

@@ -340,6 +340,8 @@ class GlobalContextVit(nn.Module):
             if isinstance(m, (WindowAttentionGlobal, MbConvBlock)):
                 m.fused = bool(fused)
         self.fused = bool(fused)
+        if fused:
+            dispatch.prepare((self.stem.conv1.weight.device.type,))
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

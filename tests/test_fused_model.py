@@ -1,0 +1,176 @@
+"""The fused model end to end: equivalence with the reference, timm patching, torch.compile, DDP and FSDP2."""
+import copy
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gcvit
+from gcvit import dispatch
+from gcvit.check import compare, randomise_
+from gcvit_kernels import cpu
+
+from conftest import TRITON_INTERPRETED
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu.available(), reason=f"C++ CPU kernels not built: {cpu.load_error()}")
+
+SMALL = dict(img_size=64, window_size=2)  # maps 16, 8, 4, 2: windows of 2x2, every kind of block and generator
+
+
+def _small_model(**kw):
+    torch.manual_seed(0)
+    return randomise_(gcvit.create_model("xxtiny", **SMALL, **kw))
+
+
+def _no_fallback(result):
+    assert not result.fused_warnings, result.fused_warnings
+
+
+# The interpreter costs milliseconds per program instance, so CI runs xxtiny's architecture at 32x32 (maps 8, 4,
+# 2, 1; windows 2, 2, 2, 1): every kind of block, generator level and kernel, in fp64 so any wiring mistake
+# stands out; the 64x64 run (windows of 2 at every stage, batch 2) is marked slow.
+@pytest.mark.skipif(not TRITON_INTERPRETED and not torch.cuda.is_available(), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("img_size,window_size,batch", [
+    (32, (2, 2, 2, 1), 1),
+    pytest.param(64, 2, 2, marks=pytest.mark.slow),
+])
+def test_whole_model_triton_kernels_match_reference(img_size, window_size, batch):
+    """Every attention and Fused-MBConv block through the Triton kernels (the interpreter on CPU)."""
+    torch.manual_seed(0)
+    model = randomise_(gcvit.create_model("xxtiny", img_size=img_size, window_size=window_size)).double()
+    x = torch.randn(batch, 3, img_size, img_size, dtype=torch.float64)
+    with dispatch.use_backend("triton"):
+        result = compare(model, x, torch.float64)
+    _no_fallback(result)
+    assert result.ok, result
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("name,kw,batch", [("xxtiny", SMALL, 3), ("xxtiny", {}, 2), ("tiny", {}, 1)])
+def test_whole_model_cpu_kernels_match_reference(name, kw, batch):
+    torch.manual_seed(0)
+    model = randomise_(gcvit.create_model(name, **kw))
+    x = torch.randn(batch, 3, *model.img_size)
+    result = compare(model, x, torch.float32)
+    _no_fallback(result)
+    assert result.ok, result
+
+
+def test_fused_falls_back_with_one_warning_for_attention_dropout():
+    model = _small_model(attn_drop_rate=0.1, fused=True).train()
+    x = torch.randn(1, 3, 64, 64)
+    dispatch._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+        model(x)
+    messages = [str(w.message) for w in caught if "attention dropout" in str(w.message)]
+    assert len(messages) == 1, messages
+
+
+def test_state_dict_identical_and_fuse_in_place():
+    model = _small_model()
+    keys = list(model.state_dict())
+    assert gcvit.fuse(model) is model and model.fused
+    assert list(model.state_dict()) == keys
+    gcvit.fuse(model, False)
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    with pytest.raises(TypeError, match="patch_timm"):
+        gcvit.fuse(torch.nn.Linear(2, 2))
+
+
+@needs_cpu_kernels
+def test_patch_timm_same_outputs_gradients_and_undo():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomise_(timm.create_model("gcvit_xxtiny", **SMALL))
+    reference = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    forward_before = model.stages[0].blocks[0]._window_attn.__func__
+    x = torch.randn(2, 3, 64, 64)
+    gcvit.patch_timm(model)
+    assert model.stages[0].blocks[0]._window_attn.__func__ is not forward_before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the fused kernels really ran
+        out = model(x)
+    ref_out = reference(x)
+    assert (out - ref_out).abs().max().item() <= 1e-4
+    out.square().mean().backward()
+    ref_out.square().mean().backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        g = ref_params[name].grad
+        assert (p.grad - g).abs().max().item() <= 1e-3 * max(1.0, g.abs().max().item()), name
+    assert list(model.state_dict()) == list(state)
+    gcvit.unpatch_timm(model)
+    assert model.stages[0].blocks[0]._window_attn.__func__ is forward_before
+    assert "forward" not in model.stages[0].global_block.blocks.conv1.__dict__
+    with pytest.raises(TypeError, match="timm GlobalContextVit"):
+        gcvit.patch_timm(gcvit.xxtiny(**SMALL))
+
+
+@needs_cpu_kernels
+def test_compile_fullgraph_of_fused_block_traces():
+    model = _small_model(fused=True).eval()
+    block, mbconv = model.stages[0].blocks[1], model.stages[0].global_block.blocks.conv1
+    x = torch.randn(2, 16, 16, 64)
+    global_query = torch.randn(2, 2, 2, 64)
+    compiled_block = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled_mbconv = torch.compile(mbconv, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled_block(x, global_query), block(x, global_query), atol=1e-5)
+        y = torch.randn(2, 64, 16, 16)
+        assert torch.allclose(compiled_mbconv(y), mbconv(y), atol=1e-5)
+
+
+# -- distributed: two CPU ranks with gloo vs one process on the same global batch ---------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, wrapper, x, state, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = gcvit.create_model("xxtiny", fused=True, **SMALL)
+        model.load_state_dict(state)
+        shard = x.chunk(world)[rank]
+        if wrapper == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            wrapped(shard).square().mean().backward()
+            grads = {n: p.grad for n, p in model.named_parameters()}
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for stage in model.stages:
+                fully_shard(stage)
+            fully_shard(model)
+            model(shard).square().mean().backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(grads, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_distributed_gradients_equal_single_process(tmp_path, wrapper):
+    model = _small_model(fused=True)
+    state = model.state_dict()
+    x = torch.randn(4, 3, 64, 64)
+    # each rank averages over its half, DDP averages the ranks: the mean over the global batch
+    model(x).square().mean().backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    out_path = tmp_path / "grads.pt"
+    mp.spawn(_rank_main, args=(2, _free_port(), wrapper, x, state, str(out_path)), nprocs=2, join=True)
+    grads = torch.load(out_path)
+    for name, g in expected.items():
+        assert (grads[name] - g).abs().max().item() <= 1e-4 * max(1.0, g.abs().max().item()), name
