@@ -94,10 +94,11 @@ inline void qk_rows(const float* q, int64_t d, const float* kt, int64_t np, cons
   if (v < nvec) qk_block<R, 1>(q, d, kt, np, bias, s, i0, v * VL);
 }
 
-inline void qk_all(const float* q, int64_t n, int64_t d, const float* kt, int64_t np, const float* bias, float* s) {
-  int64_t i = 0;
-  for (; i + 6 <= n; i += 6) qk_rows<6>(q, d, kt, np, bias, s, i);
-  switch (n - i) {
+// rows [i, i + rows) of S, rows <= 6
+inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, int64_t np, const float* bias, float* s,
+                     int64_t i) {
+  switch (rows) {
+    case 6: qk_rows<6>(q, d, kt, np, bias, s, i); break;
     case 5: qk_rows<5>(q, d, kt, np, bias, s, i); break;
     case 4: qk_rows<4>(q, d, kt, np, bias, s, i); break;
     case 3: qk_rows<3>(q, d, kt, np, bias, s, i); break;
@@ -141,14 +142,12 @@ inline void pv_rows(const float* p, int64_t np, int64_t n, const float* v, int64
   }
 }
 
-inline void pv_all(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o) {
-  int64_t i = 0;
-  for (; i + 3 <= n; i += 3) pv_rows<3>(p, np, n, v, dp, o, i);
-  switch (n - i) {
-    case 2: pv_rows<2>(p, np, n, v, dp, o, i); break;
-    case 1: pv_rows<1>(p, np, n, v, dp, o, i); break;
-    default: break;
-  }
+// rows [i, i + rows) of O
+inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i,
+                     int64_t rows) {
+  for (; rows >= 3; rows -= 3, i += 3) pv_rows<3>(p, np, n, v, dp, o, i);
+  if (rows == 2) pv_rows<2>(p, np, n, v, dp, o, i);
+  if (rows == 1) pv_rows<1>(p, np, n, v, dp, o, i);
 }
 
 // bias[h, i, j] (heads, N, Np) from the table ((2wh-1)(2ww-1), heads); -inf in the padding columns.
@@ -244,26 +243,30 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         const float* qb = qbuf.data() + hl * n * d;
         const float* ktb = ktbuf.data() + hl * d * np;
         const float* vb = vbuf.data() + hl * n * dp;
-        qk_all(qb, n, d, ktb, np, biasp + h * n * np, sb);
-        // softmax rows (unnormalised), keep 1/sum for the output
-        for (int64_t ii = 0; ii < n; ++ii) {
-          float* row = sb + ii * np;
-          Vec vmax(-std::numeric_limits<float>::infinity());
-          for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-          const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
-          const Vec mv(m);
-          Vec vsum(0.f);
-          // exp_u20: ATen's polynomial exp (max error ~20 ulp, 0 for the -inf padding), cheaper than Sleef
-          for (int64_t j = 0; j < np; j += VL) {
-            Vec e = (Vec::loadu(row + j) - mv).exp_u20();
-            e.store(row + j);
-            vsum = vsum + e;
+        // strips of 6 score rows: scores, softmax and P V while the strip is in L1
+        for (int64_t i0 = 0; i0 < n; i0 += 6) {
+          const int64_t rows = std::min<int64_t>(6, n - i0);
+          qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0);
+          // softmax rows (unnormalised), keep 1/sum for the output
+          for (int64_t ii = i0; ii < i0 + rows; ++ii) {
+            float* row = sb + ii * np;
+            Vec vmax(-std::numeric_limits<float>::infinity());
+            for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+            const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+            const Vec mv(m);
+            Vec vsum(0.f);
+            // exp_u20: ATen's polynomial exp (max error ~20 ulp, 0 for the -inf padding), cheaper than Sleef
+            for (int64_t j = 0; j < np; j += VL) {
+              Vec e = (Vec::loadu(row + j) - mv).exp_u20();
+              e.store(row + j);
+              vsum = vsum + e;
+            }
+            const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+            invp[ii] = 1.f / ssum;
+            lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
           }
-          const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
-          invp[ii] = 1.f / ssum;
-          lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
+          pv_strip(sb, np, n, vb, dp, ob, i0, rows);
         }
-        pv_all(sb, np, n, vb, dp, ob);
         for (int64_t t = 0; t < n; ++t) {
           const int64_t y = wy * wh + t / ww, x = wx * ww + t % ww;
           T* op = outp + ((b * H + y) * W + x) * C + h * d;
