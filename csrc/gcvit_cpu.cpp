@@ -399,6 +399,46 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
   float* rp = rows.data_ptr<float>();
   const int64_t Cv = C / VL * VL;
   const int64_t Wp = W + 2;
+  if constexpr (std::is_same_v<T, float>) {
+    if (Cp == C) {
+      // fp32 with whole vectors of channels: taps read straight from x, results straight into t
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t by = begin; by < end; ++by) {
+          const int64_t b = by / H, y = by % H;
+          const float* rowp[3];
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const int64_t yy = y + ky - 1;
+            rowp[ky] = (yy < 0 || yy >= H) ? nullptr : xp + ((b * H + yy) * W) * C;
+          }
+          float* trow = tp + ((b * H + y) * W) * C;
+          float* rs = rp + by * C;
+          for (int64_t c = 0; c < C; c += VL) {
+            Vec wv[9];
+            for (int k = 0; k < 9; ++k) wv[k] = Vec::loadu(wp + k * Cp + c);
+            Vec vs(0.f);
+            for (int64_t xx = 0; xx < W; ++xx) {
+              Vec a(0.f);
+              const bool left = xx > 0, right = xx + 1 < W;
+              for (int ky = 0; ky < 3; ++ky) {
+                const float* r = rowp[ky];
+                if (!r) continue;
+                const float* pc = r + xx * C + c;
+                if (left) a = at::vec::fmadd(wv[ky * 3], Vec::loadu(pc - C), a);
+                a = at::vec::fmadd(wv[ky * 3 + 1], Vec::loadu(pc), a);
+                if (right) a = at::vec::fmadd(wv[ky * 3 + 2], Vec::loadu(pc + C), a);
+              }
+              a = gelu_vec(a);
+              vs = vs + a;
+              a.store(trow + xx * C + c);
+            }
+            vs.store(rs + c);
+          }
+        }
+      });
+      sums.copy_(rows.sum(1));
+      return;
+    }
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> in(3 * Wp * Cp, 0.f), acc(W * Cp), rsum(Cp);
     for (int64_t by = begin; by < end; ++by) {
@@ -502,6 +542,18 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C});
   at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R});
   at::Tensor gate = at::gelu(mean.mm(w1.t())).mm(w2.t()).sigmoid();
+  if (H * W < C) {
+    // small maps: scaling t (C * HW per image) is cheaper than folding the gate into weights (C * C)
+    t.mul_(gate.to(t.scalar_type()).view({B, C, 1, 1}));
+    at::Tensor wt = pw.to(x.scalar_type()).reshape({C, C});
+    if (cl) {  // one GEMM over all pixels, the residual as its beta=1 input
+      at::Tensor y = xc.permute({0, 2, 3, 1}).reshape({B * H * W, C}).addmm(t.permute({0, 2, 3, 1}).reshape({B * H * W, C}),
+                                                                          wt.t());
+      return y.view({B, H, W, C}).permute({0, 3, 1, 2});
+    }
+    at::Tensor y = xc.view({B, C, H * W}).baddbmm(wt.expand({B, C, C}), t.view({B, C, H * W}));
+    return y.view({B, C, H, W});
+  }
   // fold the gate into the 1x1 conv weight per image: Wb[o, i] = pw[o, i] * gate[b, i]
   at::Tensor wf = pw.to(at::kFloat).reshape({1, C, C}).mul(gate.unsqueeze(1)).to(x.scalar_type());
   if (cl) {

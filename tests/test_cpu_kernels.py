@@ -194,7 +194,7 @@ def test_thread_count_invariance(dtype):
             a = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 3, 7, 7, scale)
             b = torch.ops.gcvit.window_attention_fwd(torch.cat([qkv, qkv[..., :36]], -1), table, None, 3, 7, 7,
                                                      scale)
-            # one window, 4 heads: with 2 threads the heads are split over tasks, with 1 they are not
+            # one window, 3 heads: with 2 threads the heads are split over tasks, with 1 they are not
             c = torch.ops.gcvit.window_attention_fwd(qkv[:1, :7, :7, : 3 * 36], table, None, 3, 7, 7, scale)
             results.append((*a, *b, *c, torch.ops.gcvit.fused_mbconv_fwd(x, *ws),
                             torch.ops.gcvit.fused_mbconv_fwd(xl, *ws)))
