@@ -5,7 +5,8 @@ speed-up against the reference eager model of its group measured in the same tes
 really ran, or why it was skipped) to the ``bench_collector`` fixture. At the end of the session the collector
 writes ONE JSON for the run, ``benchmarks/results/<device>-<YYYY-MM-DD>[-<tag>].json`` (``-2``, ``-3``, ... if
 that name is taken), with the device, versions, git commit and the settings. It writes only when at least one
-benchmark really ran (nothing in ``--benchmark-disable`` smoke runs).
+benchmark really ran (nothing in ``--benchmark-disable`` smoke runs); the file is rewritten after every case
+(``"complete": false``) so an interrupted run keeps what it measured, and a last time at session end.
 
 Output path: ``--gcvit-bench-out PATH`` or ``$GCVIT_BENCH_OUT`` (a ``.json`` file, or a directory to write
 the default name into).
@@ -115,6 +116,8 @@ class BenchCollector:
 
     def add(self, record: Dict[str, Any]) -> None:
         self.records.append(record)
+        if self.measured:  # keep the file current, so an interrupted run still leaves its numbers ("complete": false)
+            self.write(None)
 
     def group_cached(self, key, build: Callable[[], Any]) -> Any:
         """The cached value for ``key`` (built on first use); holds one group at a time to bound memory."""
@@ -132,6 +135,8 @@ class BenchCollector:
         return any(r.get("measured") for r in self.records)
 
     def output_path(self) -> str:
+        if self.written:  # one file per run, chosen at the first write
+            return self.written
         target = self.config.getoption("gcvit_bench_out", default=None) or os.environ.get("GCVIT_BENCH_OUT")
         tag = self.settings.get("tag")
         name = f"{device_info(self.device_type or 'cpu')['name']}-{self.started_utc:%Y-%m-%d}"
@@ -155,7 +160,8 @@ class BenchCollector:
             "started_utc": self.started_utc.isoformat(timespec="seconds"),
             "finished_utc": finished.isoformat(timespec="seconds"),
             "wall_s": round(time.time() - self.started, 1),
-            "exit_status": int(exitstatus),
+            "complete": exitstatus is not None,
+            "exit_status": None if exitstatus is None else int(exitstatus),
             "command": " ".join(sys.argv),
             "load_average_start": self.load_start,
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -176,11 +182,14 @@ class BenchCollector:
         return out
 
     def write(self, exitstatus) -> Optional[str]:
+        """Write the run's JSON; ``exitstatus`` None marks a partial write during the session."""
         path = self.output_path()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(self.document(exitstatus), f, indent=2, default=str)
             f.write("\n")
+        os.replace(tmp, path)
         self.written = path
         return path
 

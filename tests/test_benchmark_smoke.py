@@ -93,7 +93,8 @@ def test_benchmark_suite_tiny_shape(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     assert _run_benchmarks(monkeypatch, "1", "--benchmark-only", f"--gcvit-bench-out={out}") == 0
     doc = json.loads(out.read_text())
-    assert doc["settings"]["grid"] == "tiny" and doc["exit_status"] == 0
+    assert doc["settings"]["grid"] == "tiny" and doc["exit_status"] == 0 and doc["complete"] is True
+    assert set(doc["summary"]) == {r["group"] for r in doc["results"]}
     results = _check_results(doc, TINY_MODES)
     assert {r["task"] for r in results.values()} == {"infer", "train"}
     _check_render(out, tmp_path, set(TINY_MODES))
