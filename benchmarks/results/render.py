@@ -70,6 +70,8 @@ def markdown(doc: Dict[str, Any], name: str) -> str:
         "before the case was built in brackets).",
         "",
     ]
+    if doc.get("complete") is False:
+        lines[1:1] = ["", "**Partial run**: the session was interrupted; only the cases below were measured."]
     ok = [r for r in doc["results"] if r.get("status") == "ok"]
     for task in ("infer", "train"):
         rows = [r for r in ok if r.get("task") == task]
