@@ -23,9 +23,10 @@ broadcast, scaling, softmax (online, flash style, in exp2) and both matmuls. Acc
 fp16 / bf16 / fp32 inputs (fp32 dots use 3xTF32 on tensor cores, which keeps fp32 accuracy); fp64 inputs,
 used only for gradcheck under the interpreter, accumulate in fp64.
 
-Tiling: one program per (window, head, block of BLOCK_M queries), looping over keys in BLOCK_N blocks.
-For N <= 256 a single key block holds the whole window (BLOCK_N = next_power_of_2(N), padding masked);
-N = 576 / 1024 loop over 128-key blocks with the online softmax.
+Tiling: one program per (window, head, block of BLOCK_M queries), looping over keys in BLOCK_N blocks with
+the online softmax; the last blocks of windows whose N is not a multiple of the block (49, 144, 196, 576,
+10x6, ...) are masked. Blocks are small (64 x 64 at most, see ``forward_config``): a whole 144..256-token
+window per program spilled registers in the sm_90 compile, the bias gather being the big consumer.
 
 Backward (P recomputed from the saved lse, flash-attention 2 style), three launches, no atomics, so every
 gradient is bitwise reproducible run to run:
@@ -453,7 +454,7 @@ class _Geometry:
         self.windows_per_image = (self.height // window_h) * self.windows_per_row
         self.num_windows = self.batch * self.windows_per_image
         self.num_queries = global_query.shape[0] if self.is_global else self.batch
-        self.windows_per_query = self.num_windows // self.num_queries
+        self.windows_per_query = self.num_windows // max(1, self.num_queries)
 
     def constexprs(self, dtype):
         return dict(NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim, WINDOW_H=self.window_h, WINDOW_W=self.window_w,
@@ -466,35 +467,51 @@ def _input_precision(dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
-def _query_block(tokens: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(tokens)))
+def _fit(block: int, tokens: int) -> int:
+    """A block no bigger than the padded window (tl.dot needs at least 16)."""
+    return max(16, min(block, triton.next_power_of_2(tokens)))
 
 
-def _key_block(tokens: int, head_dim: int) -> int:
-    """The whole window as one key block up to 256 tokens (128 for head_dim 128), else 128-key blocks."""
-    limit = 256 if head_dim <= 64 else 128
-    return max(16, min(limit, triton.next_power_of_2(tokens)))
+def _launch(block_m: int, block_n: int, num_warps: int, tokens: int) -> dict:
+    return dict(BLOCK_M=_fit(block_m, tokens), BLOCK_N=_fit(block_n, tokens), num_warps=num_warps, num_stages=2)
 
 
-def _num_warps(block_m: int, block_n: int) -> int:
-    return 8 if block_m * block_n >= 64 * 256 else 4
+# Block shapes were chosen by compiling for sm_90 without a GPU (tests/triton_aot.py) and keeping the largest
+# tiles ptxas fits in 255 registers without spilling: the in-kernel bias gather and fp32's 3xTF32 dots are
+# register hungry. fp32 gets smaller tiles; head_dim 64 uses the head_dim 128 shapes. Not yet timed on a GPU.
+def forward_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
+    """Queries per program (BLOCK_M), keys per online-softmax step (BLOCK_N)."""
+    if dtype in (torch.float32, torch.float64):
+        return _launch(64, 32, 8, tokens)
+    return _launch(64, 64, 8, tokens) if head_dim <= 32 else _launch(32, 64, 8, tokens)
 
 
-def forward_config(tokens: int, head_dim: int) -> dict:
-    block_m, block_n = _query_block(tokens), _key_block(tokens, head_dim)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m, block_n), num_stages=2)
+def backward_dkdv_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
+    """Queries per step (BLOCK_M), keys per program (BLOCK_N)."""
+    if dtype in (torch.float32, torch.float64):
+        return _launch(16, 16, 4, tokens)
+    return _launch(32, 32, 8, tokens)
 
 
-def backward_dkdv_config(tokens: int, head_dim: int) -> dict:
-    block_m = block_n = max(16, min(64, triton.next_power_of_2(tokens)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+def backward_dq_dbias_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
+    """Queries per program (BLOCK_M), keys per step (BLOCK_N). Up to 64 tokens one key block holds the window
+    and the bias-gradient tile stays in registers over the chunk; bigger windows use the scratch instead."""
+    fp32 = dtype in (torch.float32, torch.float64)
+    if tokens <= 64:
+        return _launch(16, 64, 8, tokens) if fp32 or head_dim > 32 else _launch(32, 64, 8, tokens)
+    return _launch(16, 32, 4, tokens) if fp32 or head_dim > 32 else _launch(32, 32, 4, tokens)
 
 
-def backward_dq_dbias_config(tokens: int, head_dim: int) -> dict:
-    # the register-resident (BLOCK_M, BLOCK_N) bias-gradient accumulator halves the query block of big windows
-    block_n = _key_block(tokens, head_dim)
-    block_m = _query_block(tokens) if block_n < 256 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(2 * block_m, block_n), num_stages=2)
+# The interpreter has no registers to run out of and costs per program step, so it takes the biggest tiles
+# (tests/test_window_attention.py checks the GPU shapes by compiling them, and forces small tiles once).
+_INTERPRETER_BLOCK = 64
+
+
+def _for_device(config: dict, tokens: int) -> dict:
+    if _interpreted() and _INTERPRETER_BLOCK:
+        block = _fit(_INTERPRETER_BLOCK, tokens)
+        return dict(config, BLOCK_M=block, BLOCK_N=block)
+    return config
 
 
 def gather_config(tokens: int) -> dict:
@@ -511,7 +528,9 @@ def window_attention_fwd_triton(qkv, rel_pos_bias_table, global_query, num_heads
                if geo.is_global else qkv)
     out = qkv.new_empty(geo.batch, geo.height, geo.width, geo.channels)
     lse = qkv.new_empty(geo.num_windows, num_heads, geo.tokens, dtype=torch.float32)
-    config = forward_config(geo.tokens, geo.head_dim)
+    if geo.num_windows == 0:
+        return out, lse
+    config = _for_device(forward_config(geo.tokens, geo.head_dim, qkv.dtype), geo.tokens)
     num_q_blocks = triton.cdiv(geo.tokens, config["BLOCK_M"])
     grid = (geo.num_windows * num_heads * num_q_blocks,)
     _window_attention_fwd_kernel[grid](
@@ -547,13 +566,16 @@ def window_attention_bwd_triton(grad_out, qkv, rel_pos_bias_table, global_query,
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     acc_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    if geo.num_windows == 0:
+        return (torch.zeros(qkv.shape, dtype=qkv.dtype, device=qkv.device), torch.zeros_like(rel_pos_bias_table),
+                torch.zeros_like(global_query) if geo.is_global else qkv.new_empty(0))
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     constexprs = geo.constexprs(qkv.dtype)
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                grad_qkv.stride(0), grad_qkv.stride(1), grad_qkv.stride(2))
 
-    config = backward_dkdv_config(geo.tokens, geo.head_dim)
+    config = _for_device(backward_dkdv_config(geo.tokens, geo.head_dim, qkv.dtype), geo.tokens)
     num_k_blocks = triton.cdiv(geo.tokens, config["BLOCK_N"])
     _window_attention_bwd_dkdv_kernel[(geo.num_windows * num_heads * num_k_blocks,)](
         qkv, queries, table, out, grad_out, lse, grad_qkv, *strides,
@@ -561,7 +583,7 @@ def window_attention_bwd_triton(grad_out, qkv, rel_pos_bias_table, global_query,
         **constexprs, **config,
     )
 
-    config = backward_dq_dbias_config(geo.tokens, geo.head_dim)
+    config = _for_device(backward_dq_dbias_config(geo.tokens, geo.head_dim, qkv.dtype), geo.tokens)
     num_q_blocks = triton.cdiv(geo.tokens, config["BLOCK_M"])
     windows_per_group, chunks_per_group, windows_per_chunk, num_chunks = _chunking(geo, num_q_blocks)
     one_key_block = config["BLOCK_N"] >= geo.tokens
