@@ -284,3 +284,31 @@ def test_build_is_cached():
     assert os.path.isdir(d) and any(f.endswith(".so") for f in os.listdir(d))
     assert EXT.capability() in ("AVX2", "DEFAULT")
     assert cpu.available()
+
+
+def test_build_failure_warns_once_and_falls_back(tmp_path):
+    """No working compiler: one clear warning, available() is False, the ops still answer (PyTorch math)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import warnings, torch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from gcvit_kernels import cpu
+    assert not cpu.available()
+    assert not cpu.available()
+    from gcvit import functional as ref
+    qkv, table = torch.randn(1, 7, 7, 96), torch.randn(169, 2)
+    out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, None, 2, 7, 7, 0.25)
+    torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), None, 0.25))
+msgs = [str(w.message) for w in caught if "C++ CPU kernels could not be built" in str(w.message)]
+assert len(msgs) == 1, msgs
+print("OK", cpu.load_error()[:80])
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GCVIT_EXT_DIR=str(tmp_path / "ext"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
