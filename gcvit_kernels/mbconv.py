@@ -52,7 +52,9 @@ Backward (``fused_mbconv_bwd`` gets only ``grad_out`` and the forward inputs, an
 4. SE backward in torch on (B, C) tensors -> grad_se_reduce, grad_se_expand, dL/ds.
 5. ``_dwconv_grad_kernel``: ``gd = (gu * g + dL/ds / HW) * gelu'(d)`` with d recomputed, stored
    (fp32), and per-tile partial sums of ``gd * x(shifted)`` for the 9 taps -> grad_dw (fixed-order
-   host reduction, deterministic).
+   host reduction, deterministic). That buffer holds B * HW/32 * C * 9 fp32 values, ~58 MB for the
+   stem block (C 64 at 112x112) at batch 64; accumulating several pixel tiles per program would
+   shrink it (not done).
 6. ``_dwconv_transpose_residual_kernel``: ``grad_x = grad_out + dwconv3x3(gd, flipped dw_weight)``
    (the transpose of a stride-1 padding-1 depthwise conv is the same conv with the kernel flipped).
 
