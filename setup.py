@@ -12,8 +12,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["gcvit", "gcvit.*", "gcvit_kernels", "gcvit_kernels.*"]),
-    package_data={"gcvit_kernels": ["csrc/*.cpp", "csrc/*.h"]},
+    packages=find_packages(include=["gcvit", "gcvit.*", "gcvit_kernels", "gcvit_kernels.*"]) + ["gcvit_kernels.csrc"],
+    # the C++ sources ship inside the package (gcvit_kernels/csrc) so a non-editable install can build them
+    package_dir={"gcvit_kernels.csrc": "csrc"},
+    package_data={"gcvit_kernels.csrc": ["*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.5",
         "numpy",
