@@ -355,3 +355,52 @@ def test_empty_batch():
     assert out.shape == (0, 14, 14, 32)
     (grad_qkv,) = torch.autograd.grad(out.sum(), qkv)
     assert grad_qkv.shape == qkv.shape
+
+
+# ------------------------------------------------------------------------------------------------- CUDA only
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("window, head_dim", [((7, 7), 32), ((12, 12), 32), ((14, 14), 64), ((24, 24), 32),
+                                              ((32, 32), 16), ((10, 6), 128)])
+def test_half_precision_matches_fp32_reference(window, head_dim, is_global, dtype):
+    """fp16 / bf16 inputs against the reference run in fp32 on the same (rounded) inputs; tolerances are a few
+    ulps of the output dtype (fp16 eps 1e-3, bf16 eps 8e-3) on O(1) values."""
+    wh, ww = window
+    qkv, table, global_query = make_inputs(2, 2 * wh, 3 * ww, window, 2, head_dim, is_global, dtype=dtype)
+    grad_out = torch.randn(2, 2 * wh, 3 * ww, 2 * head_dim, device="cuda", dtype=dtype)
+    inputs = [t for t in (qkv, table, global_query) if t is not None]
+    fused_out, fused_grads = _grads(lambda q, t, *g: wa.window_attention(q, t, 2, window, g[0] if g else None),
+                                    qkv, table, global_query, grad_out)
+    ref_out, ref_grads = _grads(lambda q, t, *g: ref.window_attention(q, t, 2, window, g[0] if g else None),
+                                *(t.float() if t is not None else None for t in (qkv, table, global_query)),
+                                grad_out.float())
+    atol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert fused_out.dtype == dtype and len(fused_grads) == len(inputs)
+    torch.testing.assert_close(fused_out.float(), ref_out, atol=atol, rtol=0)
+    for got, want in zip(fused_grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=atol * max(1.0, want.abs().max().item()), rtol=0)
+
+
+@requires_cuda
+def test_grid_past_65535_programs():
+    # 70,000 windows x 1 head x 1 query block: every program index is on grid x
+    qkv, table, _ = make_inputs(70_000, 7, 7, (7, 7), 1, 16, False, dtype=torch.float16)
+    out = wa.window_attention(qkv, table, 1, (7, 7))
+    torch.testing.assert_close(out[-5:].float(), ref.window_attention(qkv[-5:].float(), table.float(), 1, (7, 7)),
+                               atol=4e-3, rtol=0)
+
+
+@requires_cuda
+def test_cuda_bias_gradient_bitwise_deterministic():
+    qkv, table, global_query = make_inputs(16, 28, 28, (7, 7), 4, 32, True, dtype=torch.float16)
+    grad_out = torch.randn(16, 28, 28, 128, device="cuda", dtype=torch.float16)
+
+    def run():
+        return _grads(lambda q, t, g: wa.window_attention(q, t, 4, (7, 7), g), qkv, table, global_query, grad_out)[1]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
