@@ -83,7 +83,11 @@ def _variant() -> Tuple[str, list]:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         cap = "DEFAULT"
-    if cap in ("AVX2", "AVX512") and sys.platform.startswith("linux"):
+    # GCVIT_EXT_VARIANT=default forces the generic build (for testing it; forcing avx2 is not offered)
+    forced = os.environ.get("GCVIT_EXT_VARIANT", "").lower()
+    if forced not in ("", "default", "auto"):
+        warnings.warn(f"gcvit: GCVIT_EXT_VARIANT={forced!r} ignored (only 'default' can be forced)", RuntimeWarning)
+    if cap in ("AVX2", "AVX512") and sys.platform.startswith("linux") and forced != "default":
         return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return "default", ["-DCPU_CAPABILITY=DEFAULT"]
 
