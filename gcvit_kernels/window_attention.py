@@ -39,13 +39,12 @@ gradient is bitwise reproducible run to run:
    also dB) goes to an fp32 (chunks, heads, N, N) scratch -- kept in registers when one key block holds the
    window, else read-modify-written (the program owns its rows, so this is race free).
    The chunk count is a function of the shape only (not of the device), so the summation order is fixed.
-3. bias gather: one program per (block of table rows, head) sums, over chunks and in a fixed order, the (i, j) pairs
-   with that relative offset -- they lie on one diagonal of the N x N matrix, j = i - (dy * ww + dx).
+3. bias gather: one program per (block of table rows, head) sums, over chunks and in a fixed order, the
+   (i, j) pairs with that relative offset -- they lie on one diagonal of the N x N matrix, j = i - (dy ww + dx).
 The global-query gradient is the per-chunk partials summed over each image's chunks (a torch sum over a
 fixed-size dim, deterministic). ``deterministic=False`` is accepted and currently takes the same path:
 there is no atomics-based variant.
 """
-import math
 import os
 from typing import Optional, Tuple
 
@@ -82,7 +81,8 @@ def _scores_log2(q, k, rel_pos_bias_table_ptr, head, q_tokens, k_tokens, scale_l
     # idx(i, j) = code(i) - code(j) + code(wh - 1, ww - 1) with code(y, x) = y * (2 ww - 1) + x: the divisions
     # run on the token vectors, and a tile element costs one subtraction
     q_codes = (q_tokens // WINDOW_W) * (2 * WINDOW_W - 1) + q_tokens % WINDOW_W
-    k_codes = (k_tokens // WINDOW_W) * (2 * WINDOW_W - 1) + k_tokens % WINDOW_W - (WINDOW_H * (2 * WINDOW_W - 1) - WINDOW_W)
+    k_codes = ((k_tokens // WINDOW_W) * (2 * WINDOW_W - 1) + k_tokens % WINDOW_W
+               - (WINDOW_H * (2 * WINDOW_W - 1) - WINDOW_W))
     valid = (q_tokens[:, None] < N) & (k_tokens[None, :] < N)
     bias = tl.load(rel_pos_bias_table_ptr + (q_codes[:, None] - k_codes[None, :]) * NUM_HEADS + head, mask=valid,
                    other=0.0)
@@ -587,7 +587,7 @@ def window_attention_bwd_triton(grad_out, qkv, rel_pos_bias_table, global_query,
     num_q_blocks = triton.cdiv(geo.tokens, config["BLOCK_M"])
     windows_per_group, chunks_per_group, windows_per_chunk, num_chunks = _chunking(geo, num_q_blocks)
     one_key_block = config["BLOCK_N"] >= geo.tokens
-    # every entry is stored when one key block covers the window; else it is accumulated into
+    # one key block: the kernel stores every entry once; several: it accumulates into zeros
     scratch = torch.empty if one_key_block else torch.zeros
     grad_bias_partial = scratch(num_chunks, num_heads, geo.tokens, geo.tokens, dtype=acc_dtype, device=qkv.device)
     grad_global_query_partial = (torch.empty(num_chunks, geo.tokens, geo.channels, dtype=acc_dtype,

@@ -249,8 +249,9 @@ AOT_SWEEP_CASES = [(window, head_dim, dtype, is_global)
 def _dedupe(jobs):
     seen, unique = set(), []
     for job in jobs:
-        key = (job["fn"].__name__ if hasattr(job["fn"], "__name__") else id(job["fn"]),
-               tuple(sorted(job["signature"].items())), tuple(sorted((k, str(v)) for k, v in job["constexprs"].items())),
+        key = (job["fn"].fn.__name__,
+               tuple(sorted(job["signature"].items())),
+               tuple(sorted((k, str(v)) for k, v in job["constexprs"].items())),
                job["num_warps"], job["num_stages"])
         if key not in seen:
             seen.add(key)
