@@ -140,14 +140,14 @@ def test_bench_fused_mbconv(benchmark, shape, channels_last):
     info["goal_met_cpu1t"] = info["ratio_ref_cpu1t"] >= 1.5
 
 
-@pytest.mark.parametrize("stage", [(56, 64), (14, 256)], ids=["M25088_C64", "M1568_C256"])
-def test_bench_candidate_linear_gelu(benchmark, stage):
-    """Candidate extra (not exposed as an op, see gcvit_kernels.cpu docstring): fc1 + exact GELU."""
+@pytest.mark.parametrize("stage", [(56, 64), (28, 128), (14, 256), (7, 512)], ids=lambda s: f"map{s[0]}_C{s[1]}")
+def test_bench_linear_gelu(benchmark, stage):
+    """Extra op gcvit::linear_gelu (MLP fc1 + exact GELU) vs F.gelu(F.linear(...)), (B, H, W, C) tokens."""
     hw, c = stage
-    x, w, b = torch.randn(BATCH * hw * hw, c), torch.randn(3 * c, c) * c ** -0.5, torch.randn(3 * c)
+    x, w, b = torch.randn(BATCH, hw, hw, c), torch.randn(3 * c, c) * c ** -0.5, torch.randn(3 * c)
     with torch.inference_mode():
-        torch.testing.assert_close(EXT.linear_gelu(x, w, b, 0), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
-        compare(benchmark, [("ours", lambda: EXT.linear_gelu(x, w, b, 0)),
+        torch.testing.assert_close(cpu.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
+        compare(benchmark, [("ours", lambda: cpu.linear_gelu(x, w, b)),
                             ("ref", lambda: F.gelu(F.linear(x, w, b)))], rounds=7, cpu_rounds=5)
 
 

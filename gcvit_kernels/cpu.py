@@ -39,7 +39,9 @@ both). fp32, batch 8, gcvit_tiny shapes, 10:20 UTC run, ratio = reference time /
   (an earlier, quieter run: stage 3 local 10.7-11.0 ms, ref 2.0-2.2x, sdpa 1.1-1.2x). Wall clock, 2 threads,
   same run: ref 5.6-64x, sdpa 2.8-25x (the reference's many small multi-threaded ops suffer most from the
   contention, so these overstate the gain).
-* Fused-MBConv vs gcvit.functional.fused_mbconv, 1-thread CPU time, channels_last (the model's layout):
+* Fused-MBConv vs gcvit.functional.fused_mbconv, 1-thread CPU time, channels_last (the model's layout),
+  before the exp_u20 GELU (after it, 10:25 run: C64 112^2 2.8x, C64 56^2 1.21x (NCHW 1.41x), C128 28^2
+  1.29x, C256 14^2 1.28x, C512 7^2 1.54x):
   C64 112^2 52.6 ms 1.54x; C64 56^2 1.14x (NCHW 1.21x); C64 28^2 0.95x; C64 14^2 0.94x; C128 28^2 1.03x;
   C128 14^2 0.95x; C256 14^2 1.13x (NCHW 0.94x); C512 7^2 1.06x. The 1x1 GEMM (MKL either way) dominates
   below 112^2, so the one-pass dwconv+GELU+pool and the folded gate/residual save little there; the 1.5x
@@ -47,13 +49,16 @@ both). fp32, batch 8, gcvit_tiny shapes, 10:20 UTC run, ratio = reference time /
 * Whole model (gcvit.create_model("tiny"), fp32, batch 8, 224, inference, fused=True vs False, outputs
   within 8e-7): 1-thread CPU time 2129 ms -> 1778 ms = 1.20x; wall clock 2 threads 1.40x (contended).
   The 1.5x product goal is NOT reached: the rest of the model is Linear (MKL), GELU, LayerNorm.
-* Candidate extras, measured and NOT exposed as ops because they do not pay on this CPU (kept as raw
-  ``torch.ops.gcvit_cpu.linear_gelu(x, w, b, block_rows)`` / ``layernorm_linear(x, ln_w, ln_b, eps, w, b,
-  block_rows)`` for the benchmark): MLP fc1 + exact GELU, in place after one MKL GEMM (block_rows=0):
-  0.89-1.06x; row-blocked GEMM + GELU epilogue while hot in cache (block_rows 128/512): 0.2-0.98x (per-block
-  GEMM calls lose more than the saved memory traffic); LayerNorm fused into the next GEMM's input:
-  0.78-1.2x, within noise of 1.0. Residual + layer-scale is already one addcmul-like pass in PyTorch.
-  Nothing in this list is worth wiring into the model.
+* Extra op ``gcvit::linear_gelu`` (Python API :func:`linear_gelu`): MLP fc1 + exact GELU, one MKL GEMM then
+  the GELU epilogue in place with a cheaper erf (exp_u20): 1-thread CPU time vs ``F.gelu(F.linear())`` at
+  fc1 shapes (tokens x C -> 3C): 25088x64 1.26x, 6272x128 1.13x, 1568x256 1.11x, 392x512 1.03x. Pays a
+  little; worth wiring into the MLP (GELU is 11% of the model's time).
+* Candidates measured and NOT exposed as ops (they do not pay on this CPU; kept as raw
+  ``torch.ops.gcvit_cpu.linear_gelu(x, w, b, block_rows>0)`` / ``torch.ops.gcvit_cpu.layernorm_linear(x, ln_w,
+  ln_b, eps, w, b, block_rows)`` for the benchmark): row-blocked GEMM + GELU epilogue while the block is hot
+  in cache: 0.2-0.98x (per-block GEMM calls lose more than the saved memory traffic); LayerNorm fused into
+  the next GEMM's input (row blocks normalised into a thread-local buffer): 0.78-1.2x, i.e. within noise of
+  1.0. Residual + layer-scale is already a single pass in PyTorch (addcmul), nothing to gain.
 """
 from __future__ import annotations
 
@@ -393,6 +398,66 @@ def _mbconv_bwd_cpu(grad_out, x, dw_weight, se_reduce_weight, se_expand_weight, 
     return (grad_x, grad_dw.to(dw_weight.dtype), grad_w1.reshape(se_reduce_weight.shape).to(se_reduce_weight.dtype),
             grad_w2.reshape(se_expand_weight.shape).to(se_expand_weight.dtype),
             grad_pw.reshape(pw_weight.shape).to(pw_weight.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Extra op: Linear + exact GELU (MLP fc1), gcvit::linear_gelu
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("gcvit::linear_gelu", mutates_args=(), device_types="cpu")
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    ext = load()
+    k = x.shape[-1]
+    if (ext is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[1] == k and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1
+                                                            and bias.shape[0] == weight.shape[0]))):
+        y = ext.linear_gelu(x.reshape(-1, k), weight, bias, 0)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(F.linear(x, weight, bias))
+
+
+@_linear_gelu_op.register_fake
+def _linear_gelu_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_gelu_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.has_bias = bias is not None
+
+
+def _linear_gelu_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    z = F.linear(x, weight, bias)  # recompute the pre-activation
+    gz = grad * _gelu_grad(z)
+    gz2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = (gz2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    grad_w = gz2.t() @ x2 if ctx.needs_input_grad[1] else None
+    grad_b = gz2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+_linear_gelu_op.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias)`` with exact-erf GELU, e.g. an MLP's fc1 + activation, as ``gcvit::linear_gelu``.
+
+    x (..., K), weight (N, K) as nn.Linear stores it, bias (N,) or None; returns (..., N). fp32 CPU tensors run
+    the C++ kernel (one MKL GEMM, then a vectorised GELU epilogue in place: no second (M, N) buffer and a cheaper
+    erf than ATen's); other dtypes/devices run ``F.gelu(F.linear(...))``. Autograd: PyTorch-math backward
+    (recomputes the pre-activation). Measured 1.03-1.26x over ``F.gelu(F.linear(...))`` at gcvit_tiny's fc1
+    shapes (see the module docstring). Raises ValueError on mismatched shapes.
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_gelu: x (..., {weight.shape[-1] if weight.dim() else '?'}) and weight (N, K) expected, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_gelu: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.device.type != "cpu":
+        return F.gelu(F.linear(x, weight, bias))
+    return torch.ops.gcvit.linear_gelu(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -341,3 +341,34 @@ print("OK")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((2, 49, 512), True)],
+                         ids=["4d_odd", "2d_nobias", "3d_c512"])
+def test_linear_gelu_forward_and_grad(shape, bias):
+    k = shape[-1]
+    n = 3 * k
+    x = torch.randn(*shape, requires_grad=True)
+    w = (torch.randn(n, k) * k ** -0.5).requires_grad_()
+    b = torch.randn(n, requires_grad=True) if bias else None
+    y = cpu.linear_gelu(x, w, b)
+    expected = F.gelu(F.linear(x, w, b))
+    torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
+    assert torch.equal(y.detach().reshape(-1, n), EXT.linear_gelu(x.detach().reshape(-1, k), w.detach(),
+                                                                   None if b is None else b.detach(), 0))
+    g = torch.randn_like(y)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_gelu_other_dtypes_and_errors():
+    x, w, b = torch.randn(4, 8, dtype=torch.float64, requires_grad=True), torch.randn(6, 8, dtype=torch.float64), None
+    assert torch.autograd.gradcheck(lambda a: cpu.linear_gelu(a, w, b), (x,), fast_mode=True)
+    xb = torch.randn(5, 16, dtype=torch.bfloat16)
+    wb = torch.randn(8, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(cpu.linear_gelu(xb, wb), F.gelu(F.linear(xb, wb)))
+    with pytest.raises(ValueError, match="linear_gelu"):
+        cpu.linear_gelu(torch.randn(4, 8), torch.randn(6, 7))
+    with pytest.raises(ValueError, match="bias"):
+        cpu.linear_gelu(torch.randn(4, 8), torch.randn(6, 8), torch.randn(5))
