@@ -10,7 +10,8 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
 * CPU default (a few minutes on 2 cores): fp32, inference batch 4 and training batch 2 at 224, xxtiny and tiny;
   compiled modes and ONNX Runtime for xxtiny (ONNX Runtime also for tiny), Swin-T/ConvNeXt-T eager in the tiny
   inference group.
-* CPU full (``GCVIT_BENCH_FULL=1``): the headline comparison, gcvit tiny fp32 batch 8 224 inference: reference
+* CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
+  inference: reference
   eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under no_grad) vs
   Swin-T / ConvNeXt-T eager and compiled.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
@@ -185,7 +186,9 @@ def build_cases(settings: Settings) -> List[Case]:
             cases += _group(variant, "train", 128, 224, settings.dtype, EAGER + COMPILED, timm_modes)
         return cases
     if settings.grid == "full":
-        return _group("tiny", "infer", 8, 224, settings.dtype, EAGER + CPU_INFER_EXTRA + COMPILED, TIMM_ALL)
+        cases = _group("tiny", "infer", 8, 224, settings.dtype,
+                       EAGER + (("onnxruntime", ""),) + COMPILED + (("reference", "compile-frozen"),), TIMM_ALL)
+        return sorted(cases, key=lambda c: c.compiled != "")  # eager cases first (stable): cheap before compiles
     return (_group("xxtiny", "infer", 4, 224, settings.dtype, EAGER + COMPILED + CPU_INFER_EXTRA)
             + _group("tiny", "infer", 4, 224, settings.dtype, EAGER + (("onnxruntime", ""),), TIMM_EAGER)
             + _group("xxtiny", "train", 2, 224, settings.dtype, EAGER)
