@@ -11,8 +11,7 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   compiled modes and ONNX Runtime for xxtiny (ONNX Runtime also for tiny), Swin-T/ConvNeXt-T eager in the tiny
   inference group.
 * CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
-  inference: reference
-  eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under no_grad) vs
+  inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under no_grad) vs
   Swin-T / ConvNeXt-T eager and compiled.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
