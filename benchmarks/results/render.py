@@ -80,16 +80,17 @@ def markdown(doc: Dict[str, Any], name: str) -> str:
         title = "Inference" if task == "infer" else "Training step (forward, backward, SGD)"
         lines += [f"## {title}", "",
                   "| group | mode | img/s | p50 ms | p90 ms | p99 ms | peak MB | speed-up vs reference eager "
-                  "| fused path ran | first call s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  "| per-round speed-ups | fused path ran | first call s | notes |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
         for r in rows:
             peak = _fmt(r.get("peak_memory_mb"), 0)
             if r.get("peak_memory_growth_mb") is not None:
-                peak += f" (+{_fmt(r['peak_memory_growth_mb'], 0)})"
+                peak += f" ({r['peak_memory_growth_mb']:+,.0f})"
             lines.append(
                 f"| {r['group']} | {r['mode']} | {_fmt(r.get('images_per_s'), 2)} | {_fmt(r.get('latency_ms_p50'))} | "
                 f"{_fmt(r.get('latency_ms_p90'))} | {_fmt(r.get('latency_ms_p99'))} | {peak} | "
-                f"{_fmt(r.get('speedup_vs_reference'), 2)}x | {_fused_cell(r)} | {_fmt(r.get('first_call_s'), 1)} |")
+                f"{_fmt(r.get('speedup_vs_reference'), 2)}x | {_rounds(r)} | {_fused_cell(r)} | "
+                f"{_fmt(r.get('first_call_s'), 1)} | {_notes(r)} |")
         lines.append("")
     others = [r for r in doc["results"] if r.get("status") != "ok"]
     if others:
@@ -102,6 +103,22 @@ def markdown(doc: Dict[str, Any], name: str) -> str:
         lines += ["## Fused-path warnings", ""] + [f"- {w}" for w in warned] + [""]
     lines.append(f"Plot: `{name}.png`. Source: `{name}.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _rounds(r: Dict[str, Any]) -> str:
+    if r.get("mode") == "reference" and r.get("model") == "gcvit" and not r.get("compiled"):
+        return ""
+    return ", ".join(f"{v:.2f}" for v in r.get("speedup_rounds") or [])
+
+
+def _notes(r: Dict[str, Any]) -> str:
+    notes = []
+    if r.get("dynamo_graphs") is not None:
+        notes.append(f"{r['dynamo_graphs']} graph(s), {r.get('dynamo_graph_breaks', 0)} break(s)")
+    if r.get("onnx_exporter"):
+        notes.append(f"ONNX {r['onnx_exporter']} export, opset {r.get('onnx_opset')}, "
+                     f"max diff {r.get('onnx_max_abs_diff_vs_reference', float('nan')):.1e}")
+    return "; ".join(notes)
 
 
 def _load(values) -> str:
@@ -127,13 +144,19 @@ def plot(doc: Dict[str, Any], path: str) -> None:
         width = 0.8 / len(modes)
         cmap = plt.get_cmap("tab20")
         for i, mode in enumerate(modes):
-            xs, ys = [], []
+            xs, ys, lo, hi = [], [], [], []
             for g, group in enumerate(groups):
                 match = [r for r in rows if r["group"] == group and r["mode"] == mode]
                 if match:
+                    y = match[0]["speedup_vs_reference"]
+                    spread = match[0].get("speedup_rounds") or [y]
                     xs.append(g - 0.4 + width * (i + 0.5))
-                    ys.append(match[0]["speedup_vs_reference"])
-            bars = ax.bar(xs, ys, width, label=mode, color=cmap(all_modes.index(mode) % 20))
+                    ys.append(y)
+                    lo.append(max(0.0, y - min(spread)))
+                    hi.append(max(0.0, max(spread) - y))
+            # bar: median over rounds; whisker: the smallest and largest per-round speed-up
+            bars = ax.bar(xs, ys, width, label=mode, color=cmap(all_modes.index(mode) % 20), yerr=[lo, hi],
+                          error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
             for bar, y in zip(bars, ys):
                 ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 1), textcoords="offset points")
@@ -143,7 +166,10 @@ def plot(doc: Dict[str, Any], path: str) -> None:
         ax.set_ylabel("speed-up vs reference eager")
         ax.set_title("inference" if task == "infer" else "training step", fontsize=10)
         ax.legend(fontsize=7, ncol=3, loc="upper left")
-        ax.set_ylim(0, max(1.2, max(r["speedup_vs_reference"] for r in rows) * 1.25))
+        top = max(max(r.get("speedup_rounds") or [r["speedup_vs_reference"]]) for r in rows)
+        ax.set_ylim(0, max(1.2, top * 1.15))
+        ax.text(0.99, 0.97, "bars: median of per-round speed-ups; whiskers: min-max over rounds",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
     fig.suptitle(f"GC ViT speed-up vs reference eager, same run: {device_title(doc)}, {doc.get('date')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
