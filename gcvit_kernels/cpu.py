@@ -316,10 +316,13 @@ def _attention_bwd_cpu(grad_out, qkv, rel_pos_bias_table, global_query, out, lse
         x = ref.window_partition(x.to(ct), (window_h, window_w))  # (T, n, C)
         return x.view(t, n, num_heads, d).transpose(1, 2).reshape(shape5)
 
-    go, o = to_heads(grad_out), to_heads(out)
+    go = to_heads(grad_out)
+    # D_i = rowsum(dO * O) per head, computed in the map layout (no partition copy of out)
+    dsum = (grad_out.to(ct) * out.to(ct)).view(*out.shape[:3], num_heads, d).sum(-1)  # (B, H, W, heads)
+    dsum = ref.window_partition(dsum, (window_h, window_w)).transpose(1, 2).reshape(*shape5[:-1], 1)
     dv = p.transpose(-2, -1) @ go
     dp = go @ v.transpose(-2, -1)
-    ds = p * (dp - (go * o).sum(-1, keepdim=True))
+    ds = p * (dp - dsum)
     dq = (ds @ k) * scale  # (G', T/G', heads, n, d)
     dk = ds.transpose(-2, -1) @ qs
     dbias = ds.sum((0, 1))  # (heads, n, n)
@@ -327,17 +330,17 @@ def _attention_bwd_cpu(grad_out, qkv, rel_pos_bias_table, global_query, out, lse
     grad_table.index_add_(0, index.reshape(-1), dbias.permute(1, 2, 0).reshape(n * n, num_heads))
     grad_table = grad_table.to(rel_pos_bias_table.dtype)
 
-    def back(x):  # (G', T/G', heads, n, d) -> (T, n, heads, d)
-        return x.reshape(t, num_heads, n, d).transpose(1, 2)
-
+    s_count = 2 if global_query is not None else 3
+    # window-layout gradient (T, n, S, heads, d), each part written once with a strided copy
+    grad_win = torch.empty(t, n, s_count, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    parts = (dk, dv) if global_query is not None else (dq, dk, dv)
+    for i, part in enumerate(parts):
+        grad_win[:, :, i].copy_(part.reshape(t, num_heads, n, d).transpose(1, 2))
     if global_query is not None:
-        parts = (back(dk), back(dv))
         grad_gq = dq.sum(1).permute(0, 2, 1, 3).reshape(global_query.shape).to(global_query.dtype)
     else:
-        parts = (back(dq), back(dk), back(dv))
         grad_gq = qkv.new_empty(0)
-    g = torch.stack(parts, dim=2).reshape(t, n, len(parts) * c)
-    grad_qkv = ref.window_reverse(g, (window_h, window_w), qkv.shape[1:3]).to(qkv.dtype).contiguous()
+    grad_qkv = ref.window_reverse(grad_win.view(t, n, s_count * c), (window_h, window_w), qkv.shape[1:3])
     return grad_qkv, grad_table, grad_gq
 
 
