@@ -379,22 +379,28 @@ def _mbconv_bwd_cpu(grad_out, x, dw_weight, se_reduce_weight, se_expand_weight, 
     w2 = se_expand_weight.to(ct).reshape(c, rd)
     wp = pw_weight.to(ct).reshape(c, c)
     a = F.conv2d(xf, dw, padding=1, groups=c)
-    t = F.gelu(a)
-    m = t.mean((2, 3))  # (B, C)
+
+    def rows(v):  # (B, C, H, W) -> (B, HW, C); a view for channels_last tensors
+        return v.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+    a_r = rows(a)
+    t_r = F.gelu(a_r)
+    m = t_r.mean(1)  # (B, C)
     z = m @ w1.t()
     r = F.gelu(z)
     gate = torch.sigmoid(r @ w2.t())  # (B, C)
-    ts = t * gate[:, :, None, None]
-    grad_pw = torch.einsum("bohw,bihw->oi", gy, ts)
-    g_ts = torch.einsum("bohw,oi->bihw", gy, wp)
-    g_gate = (g_ts * t).sum((2, 3))
+    gy_r = rows(gy)
+    ts_r = t_r * gate[:, None, :]
+    grad_pw = gy_r.reshape(-1, c).t() @ ts_r.reshape(-1, c)  # y = ts @ pw^T
+    g_ts = gy_r @ wp  # (B, HW, C)
+    g_gate = (g_ts * t_r).sum(1)
     g_u = g_gate * gate * (1 - gate)
     grad_w2 = g_u.t() @ r
     g_z = (g_u @ w2) * _gelu_grad(z)
     grad_w1 = g_z.t() @ m
     g_m = g_z @ w1  # (B, C)
-    g_t = g_ts * gate[:, :, None, None] + (g_m / (h * w))[:, :, None, None]
-    g_a = g_t * _gelu_grad(a)
+    g_t = g_ts * gate[:, None, :] + (g_m / (h * w))[:, None, :]
+    g_a = (g_t * _gelu_grad(a_r)).view(b, h, w, c).permute(0, 3, 1, 2)
     grad_in, grad_dw, _ = torch.ops.aten.convolution_backward(
         g_a, xf, dw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], c, [True, True, False])
     grad_x = (gy + grad_in).to(x.dtype)
