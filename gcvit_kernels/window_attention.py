@@ -476,14 +476,15 @@ def _launch(block_m: int, block_n: int, num_warps: int, tokens: int) -> dict:
     return dict(BLOCK_M=_fit(block_m, tokens), BLOCK_N=_fit(block_n, tokens), num_warps=num_warps, num_stages=2)
 
 
-# Block shapes were chosen by compiling for sm_90 without a GPU (tests/triton_aot.py) and keeping the largest
-# tiles ptxas fits in 255 registers without spilling: the in-kernel bias gather and fp32's 3xTF32 dots are
-# register hungry. fp32 gets smaller tiles; head_dim 64 uses the head_dim 128 shapes. Not yet timed on a GPU.
+# Block shapes were chosen by compiling for sm_80 and sm_90 without a GPU (tests/triton_aot.py) and keeping
+# tiles that ptxas fits in 255 registers without spilling for every GC ViT window (head_dim 32, fp16): the
+# in-kernel bias gather, the int64 map addressing and fp32's 3xTF32 dots are register hungry, so the tiles are
+# small. Not yet timed on a GPU: a tuning pass there may well pick others.
 def forward_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
     """Queries per program (BLOCK_M), keys per online-softmax step (BLOCK_N)."""
     if dtype in (torch.float32, torch.float64):
         return _launch(64, 32, 8, tokens)
-    return _launch(64, 64, 8, tokens) if head_dim <= 32 else _launch(32, 64, 8, tokens)
+    return _launch(32, 64, 4, tokens)
 
 
 def backward_dkdv_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
@@ -496,10 +497,7 @@ def backward_dkdv_config(tokens: int, head_dim: int, dtype=torch.float16) -> dic
 def backward_dq_dbias_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
     """Queries per program (BLOCK_M), keys per step (BLOCK_N). Up to 64 tokens one key block holds the window
     and the bias-gradient tile stays in registers over the chunk; bigger windows use the scratch instead."""
-    fp32 = dtype in (torch.float32, torch.float64)
-    if tokens <= 64:
-        return _launch(16, 64, 8, tokens) if fp32 or head_dim > 32 else _launch(32, 64, 8, tokens)
-    return _launch(16, 32, 4, tokens) if fp32 or head_dim > 32 else _launch(32, 32, 4, tokens)
+    return _launch(16, 64, 4, tokens) if tokens <= 64 else _launch(32, 32, 8, tokens)
 
 
 # The interpreter has no registers to run out of and costs per program step, so it takes the biggest tiles
