@@ -190,8 +190,12 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.mlp(self, x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -337,7 +341,7 @@ class GlobalContextVit(nn.Module):
     def set_fused(self, fused: bool = True) -> "GlobalContextVit":
         """Route attention and Fused-MBConv blocks through the fused kernels (True) or the reference (False)."""
         for m in self.modules():
-            if isinstance(m, (WindowAttentionGlobal, MbConvBlock)):
+            if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp)):
                 m.fused = bool(fused)
         self.fused = bool(fused)
         if fused:
