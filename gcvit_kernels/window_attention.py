@@ -497,6 +497,8 @@ def backward_dkdv_config(tokens: int, head_dim: int, dtype=torch.float16) -> dic
 def backward_dq_dbias_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
     """Queries per program (BLOCK_M), keys per step (BLOCK_N). Up to 64 tokens one key block holds the window
     and the bias-gradient tile stays in registers over the chunk; bigger windows use the scratch instead."""
+    if dtype in (torch.float32, torch.float64):
+        return _launch(16, 32, 4, tokens)  # 16 x 64 spilled in fp32 (3xTF32 dots)
     return _launch(16, 64, 4, tokens) if tokens <= 64 else _launch(32, 32, 8, tokens)
 
 
