@@ -7,8 +7,9 @@ from typing import Dict, List
 import torch
 
 # Stated tolerances, relative to the largest magnitude of the reference quantity (fp32 on CPU or GPU).
-# Gradients of deep variants accumulate more rounding than logits; fp64 (the interpreter tests) is near exact.
-TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-3), torch.float16: (2e-2, 5e-2),
+# Gradients of deep variants accumulate more rounding than logits. fp64 (the interpreter tests): logits near
+# exact; gradients carry fp32-level error because the attention ops save their logsumexp in fp32 by contract.
+TOLERANCES = {torch.float64: (1e-10, 1e-6), torch.float32: (1e-4, 1e-3), torch.float16: (2e-2, 5e-2),
               torch.bfloat16: (5e-2, 1e-1)}
 
 
@@ -47,14 +48,17 @@ def compare(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.
             m.zero_grad(set_to_none=True)
             out = m(x)
             out.float().pow(2).mean().backward()
-            outs[tag] = out.detach().float()
-            grads[tag] = {n: p.grad.detach().float() for n, p in m.named_parameters() if p.grad is not None}
+            outs[tag] = out.detach().double()
+            grads[tag] = {n: p.grad.detach().double() for n, p in m.named_parameters() if p.grad is not None}
     logits_tol_rel, grad_tol = TOLERANCES[dtype]
     scale = outs["reference"].abs().max().item()
+    # a gradient that is zero in exact arithmetic (e.g. the bias of a one-token window) is compared with the
+    # scale of the model's gradients, not with its own rounding noise
+    floor = 1e-3 * max(g.abs().max().item() for g in grads["reference"].values())
     worst_name, worst = "", 0.0
     for name, g in grads["reference"].items():
         other = grads["fused"].get(name)
-        diff = float("inf") if other is None else (g - other).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        diff = float("inf") if other is None else (g - other).abs().max().item() / max(g.abs().max().item(), floor)
         if diff > worst:
             worst_name, worst = name, diff
     messages = sorted({str(w.message) for w in caught if "gcvit: fused" in str(w.message)})

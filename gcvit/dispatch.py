@@ -68,7 +68,10 @@ def _resolve(module_name: str, op: str, device_type: str, forced: Optional[str])
     if forced == "triton":
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return Fused(None, None, "Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        return Fused(getattr(module, f"{op}_triton"), module.unsupported_reason, None)
+        triton_op = getattr(module, f"{op}_triton", None)
+        if triton_op is None:
+            return Fused(None, None, f"{op} has no Triton kernel")
+        return Fused(triton_op, module.unsupported_reason, None)
     if device_type == "cpu":
         cpu, reason = _kernel_module("cpu")
         if cpu is None:
