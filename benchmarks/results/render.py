@@ -61,6 +61,7 @@ def markdown(doc: Dict[str, Any], name: str) -> str:
         f"{settings.get('iters')} step(s) per case after {settings.get('warmup')} warm-up step(s); "
         f"compile backend {settings.get('compile_backend')}",
         f"- Precision: inference {settings.get('infer_precision')}; training {settings.get('train_precision')}",
+        f"- Command: `{doc.get('command', '?')}`",
         f"- Run: {doc.get('started_utc')} to {doc.get('finished_utc')} ({_fmt(doc.get('wall_s'), 0)} s wall); "
         f"load average at start {_load(doc.get('load_average_start'))}, end {_load(doc.get('load_average_end'))}",
         "- Speed-up: median over rounds of (reference eager round time / this case's round time), the rounds of "
