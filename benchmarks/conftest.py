@@ -163,6 +163,7 @@ class BenchCollector:
             "complete": exitstatus is not None,
             "exit_status": None if exitstatus is None else int(exitstatus),
             "command": " ".join(sys.argv),
+            "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("GCVIT_", "OMP_", "MKL_"))},
             "load_average_start": self.load_start,
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "device": device_info(self.device_type or "cpu"),
