@@ -26,12 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 SCHEMA = 1
 
-# ``pytest benchmarks/`` puts benchmarks/ (not the repository root) on sys.path; the fused kernels live in the
-# top-level package gcvit_kernels, which a stale editable install may not map, so make the checkout importable.
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-
 def pytest_addoption(parser):
     group = parser.getgroup("gcvit-bench", "gcvit model benchmarks")
     group.addoption("--gcvit-bench-out", default=None,

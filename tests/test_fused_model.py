@@ -135,16 +135,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, wrapper, x, state, out_path):
+def _rank_main(rank, world, port, wrapper, backend, x, state, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     try:
         model = gcvit.create_model("xxtiny", fused=True, **SMALL)
         model.load_state_dict(state)
-        shard = x.chunk(world)[rank]
+        model.to(device)
+        shard = x.chunk(world)[rank].to(device)
         if wrapper == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
             wrapped(shard).square().mean().backward()
             grads = {n: p.grad for n, p in model.named_parameters()}
         else:
@@ -155,14 +159,17 @@ def _rank_main(rank, world, port, wrapper, x, state, out_path):
             model(shard).square().mean().backward()
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save(grads, out_path)
+            torch.save({n: g.cpu() for n, g in grads.items()}, out_path)
     finally:
         dist.destroy_process_group()
 
 
-@needs_cpu_kernels
+@pytest.mark.parametrize("backend", [
+    pytest.param("gloo", marks=needs_cpu_kernels),
+    pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA GPUs")),
+])
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_distributed_gradients_equal_single_process(tmp_path, wrapper):
+def test_distributed_gradients_equal_single_process(tmp_path, wrapper, backend):
     model = _small_model(fused=True)
     state = model.state_dict()
     x = torch.randn(4, 3, 64, 64)
@@ -170,7 +177,7 @@ def test_distributed_gradients_equal_single_process(tmp_path, wrapper):
     model(x).square().mean().backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
     out_path = tmp_path / "grads.pt"
-    mp.spawn(_rank_main, args=(2, _free_port(), wrapper, x, state, str(out_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, _free_port(), wrapper, backend, x, state, str(out_path)), nprocs=2, join=True)
     grads = torch.load(out_path)
     for name, g in expected.items():
         assert (grads[name] - g).abs().max().item() <= 1e-4 * max(1.0, g.abs().max().item()), name
