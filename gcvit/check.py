@@ -1,10 +1,13 @@
 """Fused vs reference numerics of a whole model on the machine at hand (``python -m gcvit check``)."""
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
+
+from . import dispatch
 
 # Stated tolerances, relative to the largest magnitude of the reference quantity (fp32 on CPU or GPU).
 # Gradients of deep variants accumulate more rounding than logits. fp64 (the interpreter tests): logits near
@@ -42,7 +45,10 @@ def compare(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.
     fused = copy.deepcopy(reference).set_fused(True)
     grads: Dict[str, Dict[str, torch.Tensor]] = {}
     outs = {}
-    with warnings.catch_warnings(record=True) as caught:
+    # this differentiates, and on the CPU dispatch would pick the reference for that: force the C++ kernels
+    force_cpu = x.device.type == "cpu" and dispatch.forced_backend() is None
+    with warnings.catch_warnings(record=True) as caught, \
+            (dispatch.use_backend("cpu") if force_cpu else contextlib.nullcontext()):
         warnings.simplefilter("always")
         for tag, m in (("reference", reference), ("fused", fused)):
             m.zero_grad(set_to_none=True)

@@ -5,6 +5,11 @@ A module with ``fused = False`` always runs the reference path (:mod:`gcvit.func
 C++ kernels of ``csrc/`` (compiled on first use); anything else (no kernel for the device, an unsupported
 head_dim or dtype, attention dropout in training, ...) runs the reference path with ONE warning per reason.
 
+On the CPU the C++ kernels are forward kernels (their backward is PyTorch math that recomputes, measured
+0.77x-0.9x of the reference's autograd), so a CPU forward that will be differentiated runs the reference math:
+CPU inference is fused, CPU training stays as fast as the reference. ``use_backend("cpu")`` forces the C++
+kernels in training too (used by the tests).
+
 ``use_backend("triton")`` forces the Triton kernels also for CPU tensors: with ``TRITON_INTERPRET=1`` they
 then run in Triton's interpreter, which is how the CPU-only CI checks the whole fused model.
 """
@@ -30,15 +35,21 @@ def warn_once(what: str, reason: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(backend: Optional[str]):
-    """Force a backend: "triton" runs the Triton kernels even on CPU tensors (interpreter); None = automatic."""
+    """Force a backend: "triton" runs the Triton kernels even on CPU tensors (interpreter), "cpu" the C++
+    kernels even when the CPU forward will be differentiated; None = automatic."""
     global _forced_backend
-    if backend not in (None, "triton"):
-        raise ValueError(f"unknown backend {backend!r}; expected None or 'triton'")
+    if backend not in (None, "triton", "cpu"):
+        raise ValueError(f"unknown backend {backend!r}; expected None, 'triton' or 'cpu'")
     previous, _forced_backend = _forced_backend, backend
     try:
         yield
     finally:
         _forced_backend = previous
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`use_backend`, or None."""
+    return _forced_backend
 
 
 def _kernel_module(name: str):
@@ -85,7 +96,7 @@ def _resolve(module_name: str, op: str, device_type: str, forced: Optional[str])
 
 def _backend(module_name: str, op: str, device: torch.device) -> Fused:
     """The fused implementation of ``op`` on ``device``, or the reason there is none."""
-    key = (module_name, op, device.type, _forced_backend)
+    key = (module_name, op, device.type, _forced_backend if _forced_backend == "triton" else None)
     if key not in _resolved:
         _resolved[key] = _resolve(*key)
     return _resolved[key]
@@ -101,6 +112,13 @@ def prepare(device_types=("cpu", "cuda")) -> None:
                 _backend(module_name, op, torch.device(device_type))
 
 
+def _reference_is_faster(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """A CPU forward that autograd will differentiate: the reference's backward is the faster one there."""
+    if x.device.type != "cpu" or _forced_backend is not None or not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -109,7 +127,7 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]) -> torch.Tensor:
     """The attention of one block on a normalised (B, H, W, C) map; returns (B, H, W, C) after the projection."""
-    if not attn.fused:
+    if not attn.fused or _reference_is_faster(x, attn):
         return attn.forward_reference(x, global_query)
     fused = _backend("window_attention", "window_attention", x.device)
     reason = fused.reason
@@ -135,7 +153,7 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
 def fused_mbconv(block, x: torch.Tensor) -> torch.Tensor:
     """One Fused-MBConv block on an NCHW (or channels-last) map."""
     weights = block.weights()
-    if block.fused:
+    if block.fused and not _reference_is_faster(x, block):
         fused = _backend("mbconv", "fused_mbconv", x.device)
         reason = fused.reason
         if fused.op is not None:
@@ -153,7 +171,7 @@ def mlp(block, x: torch.Tensor) -> torch.Tensor:
     """The transformer MLP. On the CPU the fused path runs fc1 + exact GELU as one C++ op (GELU applied in
     place while the GEMM's output is hot in cache); elsewhere there is no fused kernel for it (a GPU runs
     cuBLAS plus one elementwise GELU), so the reference runs without a warning."""
-    if block.fused and x.device.type == "cpu" and _forced_backend is None:
+    if block.fused and x.device.type == "cpu" and _forced_backend != "triton" and not _reference_is_faster(x, block):
         fused = _backend("cpu", "linear_gelu", x.device)
         if fused.op is not None:
             hidden = block.drop1(fused.op(x, block.fc1.weight, block.fc1.bias))

@@ -60,11 +60,35 @@ def test_whole_model_cpu_kernels_match_reference(name, kw, batch):
     assert result.ok, result
 
 
+@needs_cpu_kernels
+def test_cpu_runs_kernels_for_inference_and_reference_for_training():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = _small_model(fused=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), CountOps() as inference:
+        model.eval()(x)
+    with CountOps() as training:
+        model.train()(x).sum().backward()
+    fused_ops = ("gcvit.window_attention_fwd", "gcvit.fused_mbconv_fwd", "gcvit.linear_gelu")
+    assert all(any(op in n for n in inference.names) for op in fused_ops)
+    assert not any(op in n for n in training.names for op in fused_ops)
+
+
 def test_fused_falls_back_with_one_warning_for_attention_dropout():
     model = _small_model(attn_drop_rate=0.1, fused=True).train()
     x = torch.randn(1, 3, 64, 64)
     dispatch._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, dispatch.use_backend("cpu"):
         warnings.simplefilter("always")
         model(x)
         model(x)
@@ -94,7 +118,7 @@ def test_patch_timm_same_outputs_gradients_and_undo():
     x = torch.randn(2, 3, 64, 64)
     gcvit.patch_timm(model)
     assert model.stages[0].blocks[0]._window_attn.__func__ is not forward_before
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), dispatch.use_backend("cpu"):
         warnings.simplefilter("error")  # no fallback: the fused kernels really ran
         out = model(x)
     ref_out = reference(x)
@@ -143,6 +167,8 @@ def _rank_main(rank, world, port, wrapper, backend, x, state, out_path):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
+        if device.type == "cpu":  # CPU training normally takes the reference path: exercise the C++ kernels
+            dispatch.use_backend("cpu").__enter__()
         model = gcvit.create_model("xxtiny", fused=True, **SMALL)
         model.load_state_dict(state)
         model.to(device)
