@@ -4,7 +4,8 @@ custom ops that gcvit_kernels.window_attention and gcvit_kernels.mbconv define.
 Build: ``torch.utils.cpp_extension.load`` with ninja, on first use, into a stable cache directory
 (``$GCVIT_EXT_DIR`` or ``~/.cache/gcvit/torch_extensions/<torch>-<python>/<variant>``); torch's
 extension loader rebuilds only when the sources or flags change, and a file lock keeps concurrent
-processes from building twice. Flags: ``-O3`` and no ``-march=native``. The variant is picked at
+processes from building twice. Flags: ``-O3 -fopenmp`` (ATen's parallel_for is inline OpenMP: without it every kernel runs on one thread;
+the libgomp it links is the one torch has already loaded) and no ``-march=native``. The variant is picked at
 run time from ``torch.backends.cpu.get_cpu_capability()``: an ``avx2`` build (``-mavx2 -mfma -mf16c``,
 ``at::vec`` compiled as ATen's AVX2 capability) on AVX2/AVX512 CPUs, a generic ``default`` build
 otherwise, so a cache shared between machines never runs instructions a CPU lacks.
@@ -149,7 +150,9 @@ def load():
                 _cpp_load(
                     name=f"gcvit_cpu_{variant}",
                     sources=srcs,
-                    extra_cflags=["-O3", "-fno-math-errno", *flags],
+                    # at::parallel_for is OpenMP inlined into this library: without -fopenmp it runs serially
+                    extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *flags],
+                    extra_ldflags=["-fopenmp"],
                     build_directory=build_dir,
                     is_python_module=False,  # TORCH_LIBRARY(gcvit_cpu, ...) ops, loaded into torch.ops
                     verbose=os.environ.get("GCVIT_EXT_VERBOSE", "") not in ("", "0"),
