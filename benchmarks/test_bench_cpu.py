@@ -149,16 +149,3 @@ def test_bench_linear_gelu(benchmark, stage):
         torch.testing.assert_close(cpu.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
         compare(benchmark, [("ours", lambda: cpu.linear_gelu(x, w, b)),
                             ("ref", lambda: F.gelu(F.linear(x, w, b)))], rounds=7, cpu_rounds=5)
-
-
-@pytest.mark.parametrize("stage", [(56, 64), (14, 256)], ids=["M25088_C64", "M1568_C256"])
-def test_bench_candidate_layernorm_linear(benchmark, stage):
-    """Candidate extra (not exposed as an op): LayerNorm fused into the qkv / fc1 GEMM input."""
-    hw, c = stage
-    x, w, b = torch.randn(BATCH * hw * hw, c), torch.randn(3 * c, c) * c ** -0.5, torch.randn(3 * c)
-    g, be = torch.randn(c), torch.randn(c)
-    with torch.inference_mode():
-        expected = F.linear(F.layer_norm(x, (c,), g, be), w, b)
-        torch.testing.assert_close(EXT.layernorm_linear(x, g, be, 1e-5, w, b, 512), expected, atol=1e-4, rtol=1e-4)
-        compare(benchmark, [("ours", lambda: EXT.layernorm_linear(x, g, be, 1e-5, w, b, 512)),
-                            ("ref", lambda: F.linear(F.layer_norm(x, (c,), g, be), w, b))], rounds=7, cpu_rounds=5)

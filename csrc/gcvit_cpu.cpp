@@ -579,11 +579,10 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
 }
 
 // ------------------------------------------------------------------------------------------------
-// Linear + exact GELU: y = gelu(x @ W^T + b), GEMM and epilogue per row block while it is in cache.
+// Linear + exact GELU: y = gelu(x @ W^T + b): one multi-threaded GEMM, then the GELU epilogue in place.
 // ------------------------------------------------------------------------------------------------
 
-at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       int64_t block_rows) {
+at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu linear_gelu: shapes ", x.sizes(),
               " and ", w.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "gcvit cpu linear_gelu: float32 only");
@@ -593,79 +592,14 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   at::Tensor y = at::empty({M, N}, x.options());
   const bool has_b = bias.has_value() && bias->defined();
   at::Tensor bc = has_b ? bias->contiguous() : at::Tensor();
-  if (block_rows <= 0) {
-    // one multi-threaded GEMM, then the GELU epilogue in place (no second (M, N) buffer)
-    if (has_b)
-      at::addmm_out(y, bc, xc, wt);
-    else
-      at::mm_out(y, xc, wt);
-    float* p = y.data_ptr<float>();
-    at::parallel_for(0, M * N, 16384, [&](int64_t b0, int64_t b1) {
-      at::vec::map([](Vec v) { return gelu_vec(v); }, p + b0, p + b0, b1 - b0);
-    });
-    return y;
-  }
-  const int64_t nblk = (M + block_rows - 1) / block_rows;
-  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * block_rows, r1 = std::min(M, r0 + block_rows);
-      at::Tensor yb = y.narrow(0, r0, r1 - r0);
-      if (has_b)
-        at::addmm_out(yb, bc, xc.narrow(0, r0, r1 - r0), wt);
-      else
-        at::mm_out(yb, xc.narrow(0, r0, r1 - r0), wt);
-      float* p = yb.data_ptr<float>();
-      const int64_t cnt = (r1 - r0) * N;
-      at::vec::map([](Vec v) { return gelu_vec(v); }, p, p, cnt);
-    }
-  });
-  return y;
-}
-
-// LayerNorm (over the last dim, eps, affine) fused into the next Linear's input: per row block the
-// normalised rows live only in a thread-local buffer.
-at::Tensor layernorm_linear(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b, double eps,
-                            const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t block_rows) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu layernorm_linear: shapes ",
-              x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "gcvit cpu layernorm_linear: float32 only");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor xc = x.contiguous();
-  at::Tensor g = ln_w.to(at::kFloat).contiguous(), be = ln_b.to(at::kFloat).contiguous();
-  at::Tensor wt = w.t();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const bool has_b = bias.has_value() && bias->defined();
-  at::Tensor bc = has_b ? bias->contiguous() : at::Tensor();
-  const int64_t nblk = (M + block_rows - 1) / block_rows;
-  const float* xp = xc.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  const float* bp = be.data_ptr<float>();
-  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buf = at::empty({block_rows, K}, x.options());
-    float* nb = buf.data_ptr<float>();
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * block_rows, r1 = std::min(M, r0 + block_rows);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = xp + r * K;
-        float* o = nb + (r - r0) * K;
-        const float mean =
-            at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, row, K) / static_cast<float>(K);
-        const Vec mv(mean);
-        at::vec::map([mv](Vec v) { return v - mv; }, o, row, K);
-        const float var =
-            at::vec::map_reduce_all<float>([](Vec v) { return v * v; }, [](Vec& a, Vec& b) { return a + b; }, o, K) /
-            static_cast<float>(K);
-        const Vec rs(1.f / std::sqrt(var + static_cast<float>(eps)));
-        at::vec::map3<float>([rs](Vec v, Vec gg, Vec bb) { return at::vec::fmadd(v * rs, gg, bb); }, o, o, gp, bp,
-                             K);
-      }
-      at::Tensor in = buf.narrow(0, 0, r1 - r0);
-      at::Tensor yb = y.narrow(0, r0, r1 - r0);
-      if (has_b)
-        at::addmm_out(yb, bc, in, wt);
-      else
-        at::mm_out(yb, in, wt);
-    }
+  // no second (M, N) buffer: the GELU runs in place on the GEMM's output
+  if (has_b)
+    at::addmm_out(y, bc, xc, wt);
+  else
+    at::mm_out(y, xc, wt);
+  float* p = y.data_ptr<float>();
+  at::parallel_for(0, M * N, 16384, [&](int64_t b0, int64_t b1) {
+    at::vec::map([](Vec v) { return gelu_vec(v); }, p + b0, p + b0, b1 - b0);
   });
   return y;
 }
@@ -688,7 +622,6 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("window_attention_fwd", &window_attention_fwd);
   m.def("fused_mbconv_fwd", &fused_mbconv_fwd);
   m.def("linear_gelu", &linear_gelu);
-  m.def("layernorm_linear", &layernorm_linear);
   m.def("capability", &capability);
   m.def("vec_size", &vec_size);
 }

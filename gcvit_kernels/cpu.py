@@ -65,9 +65,7 @@ both). fp32, batch 8, gcvit_tiny shapes, 10:20 UTC run, ratio = reference time /
   the GELU epilogue in place with a cheaper erf (exp_u20): 1-thread CPU time vs ``F.gelu(F.linear())`` at
   fc1 shapes (tokens x C -> 3C): 25088x64 1.26x, 6272x128 1.13x, 1568x256 1.11x, 392x512 1.03x. Pays a
   little; worth wiring into the MLP (GELU is 11% of the model's time).
-* Candidates measured and NOT exposed as ops (they do not pay on this CPU; kept as raw
-  ``torch.ops.gcvit_cpu.linear_gelu(x, w, b, block_rows>0)`` / ``torch.ops.gcvit_cpu.layernorm_linear(x, ln_w,
-  ln_b, eps, w, b, block_rows)`` for the benchmark): row-blocked GEMM + GELU epilogue while the block is hot
+* Candidates measured and removed (they do not pay on this CPU): row-blocked GEMM + GELU epilogue while the block is hot
   in cache: 0.2-0.98x (per-block GEMM calls lose more than the saved memory traffic); LayerNorm fused into
   the next GEMM's input (row blocks normalised into a thread-local buffer): 0.78-1.2x, i.e. within noise of
   1.0. Residual + layer-scale is already a single pass in PyTorch (addcmul), nothing to gain.
@@ -434,7 +432,7 @@ def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if (ext is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.shape[1] == k and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1
                                                             and bias.shape[0] == weight.shape[0]))):
-        y = ext.linear_gelu(x.reshape(-1, k), weight, bias, 0)
+        y = ext.linear_gelu(x.reshape(-1, k), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.gelu(F.linear(x, weight, bias))
 
