@@ -61,7 +61,10 @@ def _check_results(doc, expected_modes):
             assert r["speedup_vs_reference"] == pytest.approx(expected, rel=1e-3)
         if r["impl"] == "fused":
             assert isinstance(r["fused_path_ran"], bool)
-            if r["fused_path_ran"]:
+            if "/train/" in r["group"]:
+                # by design: a CPU forward that will be differentiated takes the reference (gcvit/dispatch.py)
+                assert not r["fused_path_ran"], r["fused_ops_per_step"]
+            elif r["fused_path_ran"]:
                 assert any(op.startswith("gcvit::") for op in r["fused_ops_per_step"]), r["fused_ops_per_step"]
             else:  # a fallback to the reference math must say why
                 assert r["gcvit_warnings"], f"{r['id']}: fused path did not run and no warning says why"
