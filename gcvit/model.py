@@ -391,9 +391,7 @@ class GlobalContextVit(nn.Module):
         """The stage maps (NCHW) selected by ``indices`` (default all four): a feature pyramid for detection."""
         self.check_input(x)
         indices = range(len(self.stages)) if indices is None else list(indices)
-        bad = [i for i in indices if not -len(self.stages) <= i < len(self.stages)]
-        if bad:
-            raise ValueError(f"stage indices {bad} out of range for {len(self.stages)} stages")
+        self._check_stage_indices(indices)
         wanted = {i % len(self.stages) for i in indices}
         feats = []
         x = self.stem(x)
@@ -408,11 +406,14 @@ class GlobalContextVit(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
+    def _check_stage_indices(self, indices: Sequence[int]) -> None:
+        bad = [i for i in indices if not -len(self.stages) <= i < len(self.stages)]
+        if bad:
+            raise ValueError(f"stage indices {bad} out of range for {len(self.stages)} stages")
+
     def as_feature_pyramid(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> "GlobalContextVit":
         """Backbone mode (timm's ``features_only``): drop the classifier; forward returns the stage maps."""
-        bad = [i for i in out_indices if not -len(self.stages) <= i < len(self.stages)]
-        if bad:
-            raise ValueError(f"out_indices {bad} out of range for {len(self.stages)} stages")
+        self._check_stage_indices(out_indices)
         self.reset_classifier(0)
         self.out_indices = tuple(out_indices)
         return self

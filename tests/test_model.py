@@ -4,6 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import gcvit
+from gcvit.check import randomise_
 from gcvit.variants import VARIANTS
 
 timm = pytest.importorskip("timm")
@@ -54,18 +55,11 @@ def _timm_pair(name, img_size=224, batch=2, **kw):
     return ours, theirs
 
 
-def _randomise(model):
-    """Non-trivial weights: layer scales of 1e-5 and zero biases would hide wiring mistakes."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-
-
 @pytest.mark.parametrize("name,img_size", [("xxtiny", 224), ("tiny", 224), ("xxtiny", 256), ("xxtiny", 288),
                                            ("xxtiny", (320, 192))])
 def test_matches_timm_outputs_and_gradients(name, img_size):
     ours, theirs = _timm_pair(name, img_size)
-    _randomise(theirs)
+    randomise_(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.randn(3, 3, h, w)
@@ -85,7 +79,7 @@ def test_matches_timm_outputs_and_gradients(name, img_size):
 @pytest.mark.parametrize("name", ["xtiny", "small", "base"])
 def test_matches_timm_larger_variants(name):
     ours, theirs = _timm_pair(name)
-    _randomise(theirs)
+    randomise_(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -94,7 +88,7 @@ def test_matches_timm_larger_variants(name):
 
 def test_each_image_global_query_reaches_only_its_windows():
     model = gcvit.xxtiny().eval()
-    _randomise(model)
+    randomise_(model)
     x = torch.randn(3, 3, 224, 224)
     x2 = x.clone()
     x2[1] = torch.randn(3, 224, 224)  # change image 1 only
