@@ -3,13 +3,15 @@
 The C++ CPU kernels in csrc/ are compiled with ninja on first use and cached
 (see gcvit_kernels/cpu.py), so `pip install -e .` needs no compiler step.
 """
+import os
+
 from setuptools import find_packages, setup
 
 setup(
     name="gcvit",
     version="0.1.0",
     description="Global Context Vision Transformer with fused window-attention and Fused-MBConv kernels",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gcvit", "gcvit.*", "gcvit_kernels", "gcvit_kernels.*"]) + ["gcvit_kernels.csrc"],
