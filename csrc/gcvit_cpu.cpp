@@ -139,47 +139,54 @@ inline void pv_block(const float* p, int64_t np, int64_t n, const float* v, int6
     for (int u = 0; u < DV; ++u) acc[r][u].store(o + (i0 + r) * dp + c0 + u * VL);
 }
 
-// rows i0 .. i0+R-1 of O; DV <= 4 vectors of head_dim per block (R = 3: 12 accumulators)
+// rows i0 .. i0+R-1 of O, head_dim in blocks of DV = 2 vectors (R = 6: 12 accumulators + 2 V vectors + 1
+// broadcast = 15 of the 16 AVX2 registers, the same 6x16 shape as the scores)
 template <int R>
 inline void pv_rows(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i0) {
   const int64_t nvec = dp / VL;
   int64_t done = 0;
-  for (; done + 4 <= nvec; done += 4) pv_block<R, 4>(p, np, n, v, dp, o, i0, done * VL);
-  switch (nvec - done) {
-    case 3: pv_block<R, 3>(p, np, n, v, dp, o, i0, done * VL); break;
-    case 2: pv_block<R, 2>(p, np, n, v, dp, o, i0, done * VL); break;
-    case 1: pv_block<R, 1>(p, np, n, v, dp, o, i0, done * VL); break;
+  for (; done + 2 <= nvec; done += 2) pv_block<R, 2>(p, np, n, v, dp, o, i0, done * VL);
+  if (done < nvec) pv_block<R, 1>(p, np, n, v, dp, o, i0, done * VL);
+}
+
+// rows [i, i + rows) of O, rows <= 6
+inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i,
+                     int64_t rows) {
+  switch (rows) {
+    case 6: pv_rows<6>(p, np, n, v, dp, o, i); break;
+    case 5: pv_rows<5>(p, np, n, v, dp, o, i); break;
+    case 4: pv_rows<4>(p, np, n, v, dp, o, i); break;
+    case 3: pv_rows<3>(p, np, n, v, dp, o, i); break;
+    case 2: pv_rows<2>(p, np, n, v, dp, o, i); break;
+    case 1: pv_rows<1>(p, np, n, v, dp, o, i); break;
     default: break;
   }
 }
 
-// rows [i, i + rows) of O
-inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i,
-                     int64_t rows) {
-  for (; rows >= 3; rows -= 3, i += 3) pv_rows<3>(p, np, n, v, dp, o, i);
-  if (rows == 2) pv_rows<2>(p, np, n, v, dp, o, i);
-  if (rows == 1) pv_rows<1>(p, np, n, v, dp, o, i);
-}
-
 // bias[h, i, j] (heads, N, Np) from the table ((2wh-1)(2ww-1), heads); -inf in the padding columns.
+// For a query (yi, xi) and key row yj the table rows of keys xj = 0 .. ww-1 run backwards from
+// (yi - yj + wh - 1) (2ww - 1) + xi + ww - 1, so each run is a reversed slice of the head's table column.
 at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_t ww, int64_t np) {
-  const int64_t n = wh * ww;
-  auto tab = table.to(at::kFloat).contiguous();
+  const int64_t n = wh * ww, span = 2 * ww - 1;
+  auto tab = table.to(at::kFloat).t().contiguous();  // (heads, rows): one head's table is contiguous
   auto bias = at::empty({heads, n, np}, tab.options());
+  const int64_t rows = tab.size(1);
   const float* tp = tab.data_ptr<float>();
   float* bp = bias.data_ptr<float>();
   const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = bp + (h * n + i) * np;
-      const int64_t yi = i / ww, xi = i % ww;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t yj = j / ww, xj = j % ww;
-        const int64_t idx = (yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1);
-        row[j] = tp[idx * heads + h];
+  at::parallel_for(0, heads * n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t hi = begin; hi < end; ++hi) {
+      const int64_t h = hi / n, i = hi % n, yi = i / ww, xi = i % ww;
+      const float* th = tp + h * rows;
+      float* row = bp + hi * np;
+      for (int64_t yj = 0; yj < wh; ++yj) {
+        const float* run = th + (yi - yj + wh - 1) * span + xi + ww - 1;  // key xj reads run[-xj]
+        float* dst = row + yj * ww;
+        for (int64_t xj = 0; xj < ww; ++xj) dst[xj] = run[-xj];
       }
       for (int64_t j = n; j < np; ++j) row[j] = ninf;
     }
+  });
   return bias;
 }
 
