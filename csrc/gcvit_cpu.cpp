@@ -586,29 +586,149 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
 }
 
 // ------------------------------------------------------------------------------------------------
-// Linear + exact GELU: y = gelu(x @ W^T + b): one multi-threaded GEMM, then the GELU epilogue in place.
+// Linear layers with fused epilogues: one MKL GEMM y = x @ W^T straight into the output (no bias copy
+// first, as addmm makes), then ONE pass over each output row while it is hot in cache:
+//   linear_gelu:                y = gelu(y + b)  (bias by addmm, see there)
+//   linear_residual:            y = residual + gamma * (y + b)
+//   linear_residual_layernorm:  the same, and normed = LayerNorm(y) from the row still in registers/L1
+// (gamma is a LayerScale, optional). Each row is owned by one task: deterministic for any thread count.
 // ------------------------------------------------------------------------------------------------
 
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gcvit cpu ", op, ": CPU tensors expected");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu ", op, ": x (M, K) and weight (N, K) ",
+              "expected, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gcvit cpu ", op, ": float32 only");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == at::kFloat, "gcvit cpu ", op,
+                ": bias must be float32 (", w.size(0), "), got ", bias->sizes());
+}
+
+const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = t->contiguous();
+  return keep.data_ptr<float>();
+}
+
+// y (M, N) = x @ W^T, GEMM only
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w) {
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  at::mm_out(y, x.contiguous(), w.t());
+  return y;
+}
+
+// Runs fn(row_begin, row_end) over the M rows in chunks of about 16K elements.
+template <typename F>
+void for_rows(int64_t m, int64_t n, const F& fn) {
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), fn);
+}
+
+// The GELU is the only epilogue here: addmm's bias copy warms the output lines before MKL writes them, which
+// measured 5-8% faster than mm_out plus a bias + GELU row pass.
 at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu linear_gelu: shapes ", x.sizes(),
-              " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "gcvit cpu linear_gelu: float32 only");
-  const int64_t M = x.size(0), N = w.size(0);
-  at::Tensor xc = x.contiguous();
-  at::Tensor wt = w.t();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const bool has_b = bias.has_value() && bias->defined();
-  at::Tensor bc = has_b ? bias->contiguous() : at::Tensor();
-  // no second (M, N) buffer: the GELU runs in place on the GEMM's output
-  if (has_b)
-    at::addmm_out(y, bc, xc, wt);
+  check_linear("linear_gelu", x, w, bias);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  if (bias.has_value() && bias->defined())
+    at::addmm_out(y, *bias, x.contiguous(), w.t());
   else
-    at::mm_out(y, xc, wt);
+    at::mm_out(y, x.contiguous(), w.t());
   float* p = y.data_ptr<float>();
-  at::parallel_for(0, M * N, 16384, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, y.numel(), 16384, [&](int64_t b0, int64_t b1) {
     at::vec::map([](Vec v) { return gelu_vec(v); }, p + b0, p + b0, b1 - b0);
   });
   return y;
+}
+
+// y = residual + gamma * (x @ W^T + b); with ln_weight: also normed = LayerNorm(y) * ln_weight + ln_bias
+std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                                        const c10::optional<at::Tensor>& bias,
+                                                        const at::Tensor& residual,
+                                                        const c10::optional<at::Tensor>& gamma,
+                                                        const c10::optional<at::Tensor>& ln_weight,
+                                                        const c10::optional<at::Tensor>& ln_bias, double eps) {
+  check_linear(op, x, w, bias);
+  const int64_t m = x.size(0), n = w.size(0);
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == m && residual.size(1) == n &&
+                  residual.scalar_type() == at::kFloat && residual.stride(1) == 1,
+              "gcvit cpu ", op, ": residual must be float32 (", m, ", ", n, ") with unit column stride, got ",
+              residual.sizes());
+  for (const auto* t : {&gamma, &ln_weight, &ln_bias})
+    if (t->has_value() && (*t)->defined())
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n && (*t)->scalar_type() == at::kFloat, "gcvit cpu ", op,
+                  ": gamma / LayerNorm parameters must be float32 (", n, ")");
+  at::Tensor y = gemm(x, w);
+  at::Tensor bk, gk, lwk, lbk;
+  const float* bp = opt_ptr(bias, bk);
+  const float* gp = opt_ptr(gamma, gk);
+  const float* lw = opt_ptr(ln_weight, lwk);
+  const float* lb = opt_ptr(ln_bias, lbk);
+  const bool norm = ln_weight.has_value() && ln_weight->defined();
+  at::Tensor normed = norm ? at::empty_like(y) : at::empty({0}, y.options());
+  float* yp = y.data_ptr<float>();
+  float* np_ = norm ? normed.data_ptr<float>() : nullptr;
+  const float* rp = residual.data_ptr<float>();
+  const int64_t rs = residual.stride(0);
+  const float epsf = static_cast<float>(eps);
+  for_rows(m, n, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = yp + r * n;
+      const float* res = rp + r * rs;
+      Vec vsum(0.f);
+      float tail = 0.f;
+      int64_t j = 0;
+      for (; j + VL <= n; j += VL) {
+        Vec v = Vec::loadu(row + j);
+        if (bp) v = v + Vec::loadu(bp + j);
+        if (gp) v = v * Vec::loadu(gp + j);
+        v = v + Vec::loadu(res + j);
+        v.store(row + j);
+        vsum = vsum + v;
+      }
+      for (; j < n; ++j) {
+        float v = row[j] + (bp ? bp[j] : 0.f);
+        v = res[j] + (gp ? gp[j] * v : v);
+        row[j] = v;
+        tail += v;
+      }
+      if (!norm) continue;
+      // two-pass moments over the row (still in L1): mean, then the mean squared deviation
+      const float mean = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum) + tail) / n;
+      const Vec mv(mean);
+      Vec vsq(0.f);
+      float tail_sq = 0.f;
+      for (j = 0; j + VL <= n; j += VL) {
+        const Vec dv = Vec::loadu(row + j) - mv;
+        vsq = at::vec::fmadd(dv, dv, vsq);
+      }
+      for (; j < n; ++j) tail_sq += (row[j] - mean) * (row[j] - mean);
+      const float var = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsq) + tail_sq) / n;
+      const float rstd = 1.f / std::sqrt(var + epsf);
+      const Vec rv(rstd);
+      float* out = np_ + r * n;
+      for (j = 0; j + VL <= n; j += VL) {
+        Vec v = (Vec::loadu(row + j) - mv) * rv;
+        v = at::vec::fmadd(v, Vec::loadu(lw + j), lb ? Vec::loadu(lb + j) : Vec(0.f));
+        v.store(out + j);
+      }
+      for (; j < n; ++j) out[j] = (row[j] - mean) * rstd * lw[j] + (lb ? lb[j] : 0.f);
+    }
+  });
+  return {y, normed};
+}
+
+at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           const at::Tensor& residual, const c10::optional<at::Tensor>& gamma) {
+  return std::get<0>(linear_residual_impl("linear_residual", x, w, bias, residual, gamma, c10::nullopt, c10::nullopt,
+                                          0.0));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x, const at::Tensor& w,
+                                                             const c10::optional<at::Tensor>& bias,
+                                                             const at::Tensor& residual,
+                                                             const c10::optional<at::Tensor>& gamma,
+                                                             const at::Tensor& ln_weight,
+                                                             const c10::optional<at::Tensor>& ln_bias, double eps) {
+  return linear_residual_impl("linear_residual_layernorm", x, w, bias, residual, gamma, ln_weight, ln_bias, eps);
 }
 
 int64_t vec_size() { return VL; }
@@ -629,6 +749,8 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("window_attention_fwd", &window_attention_fwd);
   m.def("fused_mbconv_fwd", &fused_mbconv_fwd);
   m.def("linear_gelu", &linear_gelu);
+  m.def("linear_residual", &linear_residual);
+  m.def("linear_residual_layernorm", &linear_residual_layernorm);
   m.def("capability", &capability);
   m.def("vec_size", &vec_size);
 }

@@ -66,7 +66,8 @@ class Fused(NamedTuple):
     reason: Optional[str]
 
 
-_OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"))
+_OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"),
+        ("cpu", "linear_residual"), ("cpu", "linear_residual_layernorm"))
 # (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
 # torch.compile traces only a dict lookup, never an import or a C++ build.
 _resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
@@ -125,17 +126,16 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]) -> torch.Tensor:
-    """The attention of one block on a normalised (B, H, W, C) map; returns (B, H, W, C) after the projection."""
-    if not attn.fused or _reference_is_faster(x, attn):
-        return attn.forward_reference(x, global_query)
+def _attention_before_projection(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused attention of a normalised (B, H, W, C) map up to (not including) the output projection, in the
+    map layout; None, after one warning, when there is no fused kernel for the case (run the reference then)."""
     fused = _backend("window_attention", "window_attention", x.device)
     reason = fused.reason
     if fused.op is not None and attn.training and attn.attn_drop.p > 0:
         reason = "attention dropout is not fused"
     if reason is not None:
         warn_once("window attention", reason)
-        return attn.forward_reference(x, global_query)
+        return None
     # the projections are per token, so they run on the whole map and the kernel reads windows in place
     qkv = attn.qkv(x)
     table = attn.rel_pos.relative_position_bias_table.to(qkv.dtype)
@@ -143,11 +143,48 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
         global_query = global_query.to(qkv.dtype).contiguous()
     reason = fused.unsupported_reason(qkv, table, attn.num_heads, attn.window_size, global_query)
     if reason is None:
-        out = fused.op(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
-    else:
-        warn_once("window attention", reason)
-        out = ref.window_attention(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+        return fused.op(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+    warn_once("window attention", reason)
+    return ref.window_attention(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
+
+
+def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]) -> torch.Tensor:
+    """The attention of one block on a normalised (B, H, W, C) map; returns (B, H, W, C) after the projection."""
+    if not attn.fused or _reference_is_faster(x, attn):
+        return attn.forward_reference(x, global_query)
+    out = _attention_before_projection(attn, x, global_query)
+    if out is None:
+        return attn.forward_reference(x, global_query)
     return attn.proj_drop(attn.proj(out))
+
+
+def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch.Tensor:
+    """One GC ViT block on a (B, H, W, C) map.
+
+    CPU fp32 inference with ``fused``: LayerNorm, the fused attention, then the output projection, bias, layer
+    scale, residual add and the second LayerNorm as ONE op (GEMM plus a single pass over each row), the MLP's fc1
+    with GELU, and fc2 with bias, layer scale and residual as one op. Everywhere else (training, other devices,
+    dtypes, autocast): the block's modules one by one, each dispatching on its own."""
+    if (blk.fused and not blk.training and x.device.type == "cpu" and x.dtype == torch.float32
+            and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, blk)):
+        ops = [_backend("cpu", op, x.device).op for op in ("linear_residual_layernorm", "linear_gelu", "linear_residual")]
+        if all(op is not None for op in ops):
+            linear_residual_layernorm, linear_gelu, linear_residual = ops
+            attn, mlp = blk.attn, blk.mlp
+            out = _attention_before_projection(attn, blk.norm1(x), global_query if attn.use_global else None)
+            if out is not None and out.dtype == torch.float32:
+                x, normed = linear_residual_layernorm(out, attn.proj.weight, attn.proj.bias, x,
+                                                      getattr(blk.ls1, "gamma", None), blk.norm2.weight,
+                                                      blk.norm2.bias, blk.norm2.eps)
+                hidden = linear_gelu(normed, mlp.fc1.weight, mlp.fc1.bias)
+                return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, getattr(blk.ls2, "gamma", None))
+    return blk.forward_per_module(x, global_query)
+
+
+def keeps_channels_last(module, x: torch.Tensor) -> bool:
+    """Whether the fused path keeps this NCHW map in channels-last memory: on the CPU its convolutions,
+    channels-last LayerNorms and fused kernels then read it without the permute copies timm's NCHW layout costs."""
+    return module.fused and x.device.type == "cpu" and _forced_backend != "triton" and not _reference_is_faster(x, module)
 
 
 def fused_mbconv(block, x: torch.Tensor) -> torch.Tensor:

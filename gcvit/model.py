@@ -128,8 +128,11 @@ class Stem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim, 3, 2, 1)
         self.down = Downsample2d(dim, dim, norm_eps)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.keeps_channels_last(self, x):
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.down(self.conv1(x))
 
 
@@ -212,8 +215,13 @@ class GlobalContextVitBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fused = False
 
     def forward(self, x: torch.Tensor, global_query: torch.Tensor) -> torch.Tensor:
+        return dispatch.transformer_block(self, x, global_query)
+
+    def forward_per_module(self, x: torch.Tensor, global_query: torch.Tensor) -> torch.Tensor:
+        """timm's block; the attention and the MLP each dispatch on their own."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), global_query)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -242,6 +250,7 @@ class GlobalContextVitStage(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if stage_norm else nn.Identity()
         self.dim = dim
         self.grad_checkpointing = False
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -253,7 +262,10 @@ class GlobalContextVitStage(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, global_query, use_reentrant=False)
             else:
                 x = blk(x, global_query)
-        return self.norm(x).permute(0, 3, 1, 2).contiguous()
+        x = self.norm(x).permute(0, 3, 1, 2)
+        # NCHW as timm returns it; the fused CPU path keeps the NHWC memory (the next stage's convs and
+        # channels-last LayerNorm read it as is) and forward_features/forward_intermediates make it contiguous
+        return x if dispatch.keeps_channels_last(self, x) else x.contiguous()
 
 
 def global_query_levels(feat_size: Tuple[int, int], window_size: Tuple[int, int]) -> int:
@@ -341,7 +353,7 @@ class GlobalContextVit(nn.Module):
     def set_fused(self, fused: bool = True) -> "GlobalContextVit":
         """Route attention and Fused-MBConv blocks through the fused kernels (True) or the reference (False)."""
         for m in self.modules():
-            if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp)):
+            if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp, GlobalContextVitBlock, GlobalContextVitStage, Stem)):
                 m.fused = bool(fused)
         self.fused = bool(fused)
         if fused:
@@ -385,7 +397,7 @@ class GlobalContextVit(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.stages(self.stem(x))
+        return self.stages(self.stem(x)).contiguous()
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
         """The stage maps (NCHW) selected by ``indices`` (default all four): a feature pyramid for detection."""
@@ -398,7 +410,7 @@ class GlobalContextVit(nn.Module):
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in wanted:
-                feats.append(x)
+                feats.append(x.contiguous())
             if i >= max(wanted):
                 break
         return feats

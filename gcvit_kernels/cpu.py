@@ -482,6 +482,106 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
+# Extra ops: Linear + bias + layer scale + residual (+ LayerNorm), the projections that end a block's halves:
+# gcvit::linear_residual, gcvit::linear_residual_layernorm. Inference ops: a differentiated call runs the
+# PyTorch math below instead, so autograd stays correct.
+# ------------------------------------------------------------------------------------------------
+
+def _linear_residual_torch(x, weight, bias, residual, gamma):
+    y = F.linear(x, weight, bias)
+    return residual + (y * gamma if gamma is not None else y)
+
+
+def _check_linear_residual(x, weight, bias, residual, gamma, ln_weight=None, ln_bias=None):
+    tensors = [("x", x), ("weight", weight), ("residual", residual)]
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x (..., K) and weight (N, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ValueError(f"residual must be {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+    for name, t in (("bias", bias), ("gamma", gamma), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None:
+            if tuple(t.shape) != (n,):
+                raise ValueError(f"{name} must be ({n},), got {tuple(t.shape)}")
+            tensors.append((name, t))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _use_kernel(*tensors) -> bool:
+    return load() is not None and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+
+
+def _rows(t, n):
+    """(M, n) view of a (..., n) tensor with unit column stride (a copy only when the layout needs one)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+@torch.library.custom_op("gcvit::linear_residual", mutates_args=(), device_types="cpu")
+def _linear_residual_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                        gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    if _use_kernel(x, weight, bias, residual, gamma):
+        n = weight.shape[0]
+        y = load().linear_residual(_rows(x, x.shape[-1]), weight, bias, _rows(residual, n), gamma)
+        return y.view(residual.shape)
+    return _linear_residual_torch(x, weight, bias, residual, gamma)
+
+
+@_linear_residual_op.register_fake
+def _linear_residual_fake(x, weight, bias, residual, gamma):
+    return residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("gcvit::linear_residual_layernorm", mutates_args=(), device_types="cpu")
+def _linear_residual_layernorm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  residual: torch.Tensor, gamma: Optional[torch.Tensor], ln_weight: torch.Tensor,
+                                  ln_bias: Optional[torch.Tensor], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = weight.shape[0]
+    if _use_kernel(x, weight, bias, residual, gamma, ln_weight, ln_bias):
+        y, normed = load().linear_residual_layernorm(_rows(x, x.shape[-1]), weight, bias, _rows(residual, n), gamma,
+                                                     ln_weight, ln_bias, eps)
+        return y.view(residual.shape), normed.view(residual.shape)
+    y = _linear_residual_torch(x, weight, bias, residual, gamma)
+    return y, F.layer_norm(y, (n,), ln_weight, ln_bias, eps)
+
+
+@_linear_residual_layernorm_op.register_fake
+def _linear_residual_layernorm_fake(x, weight, bias, residual, gamma, ln_weight, ln_bias, eps):
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
+def _differentiated(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                    gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gamma * (x @ weight.T + bias)`` (gamma: optional LayerScale), e.g. an MLP's fc2 with the
+    block's residual, as ``gcvit::linear_residual``: one GEMM into the output, then one pass per row adding
+    bias, scale and residual (fp32 CPU: C++; otherwise, and when autograd will differentiate the call, the
+    PyTorch math). Raises ValueError on mismatched shapes or devices."""
+    _check_linear_residual(x, weight, bias, residual, gamma)
+    if x.device.type != "cpu" or _differentiated(x, weight, bias, residual, gamma):
+        return _linear_residual_torch(x, weight, bias, residual, gamma)
+    return torch.ops.gcvit.linear_residual(x, weight, bias, residual, gamma)
+
+
+def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              residual: torch.Tensor, gamma: Optional[torch.Tensor], ln_weight: torch.Tensor,
+                              ln_bias: Optional[torch.Tensor], eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_residual` and the LayerNorm of its result, ``(y, layer_norm(y))``, in the same row pass
+    (the attention's output projection, residual and the block's second norm), as
+    ``gcvit::linear_residual_layernorm``. Same dtype/device/autograd rules as :func:`linear_residual`."""
+    _check_linear_residual(x, weight, bias, residual, gamma, ln_weight, ln_bias)
+    if x.device.type != "cpu" or _differentiated(x, weight, bias, residual, gamma, ln_weight, ln_bias):
+        y = _linear_residual_torch(x, weight, bias, residual, gamma)
+        return y, F.layer_norm(y, (weight.shape[0],), ln_weight, ln_bias, eps)
+    return torch.ops.gcvit.linear_residual_layernorm(x, weight, bias, residual, gamma, ln_weight, ln_bias, float(eps))
+
+
+# ------------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------------
 

@@ -372,3 +372,76 @@ def test_linear_gelu_other_dtypes_and_errors():
         cpu.linear_gelu(torch.randn(4, 8), torch.randn(6, 7))
     with pytest.raises(ValueError, match="bias"):
         cpu.linear_gelu(torch.randn(4, 8), torch.randn(6, 8), torch.randn(5))
+
+
+def _linear_residual_inputs(shape, n, bias, gamma, layernorm, noncontiguous_residual=False):
+    k = shape[-1]
+    x = torch.randn(*shape)
+    w = torch.randn(n, k) * k ** -0.5
+    b = torch.randn(n) if bias else None
+    g = torch.randn(n) if gamma else None
+    residual = torch.randn(*shape[:-1], n)
+    if noncontiguous_residual:  # rows with a stride larger than n (a column slice of a wider map)
+        residual = torch.randn(*shape[:-1], n + 5)[..., :n]
+    ln = (torch.randn(n), torch.randn(n)) if layernorm else (None, None)
+    return x, w, b, residual, g, ln
+
+
+def _linear_residual_expected(x, w, b, residual, g, ln, eps=1e-5):
+    y = F.linear(x, w, b)
+    y = residual + (y * g if g is not None else y)
+    return y, (F.layer_norm(y, (w.shape[0],), ln[0], ln[1], eps) if ln[0] is not None else None)
+
+
+@pytest.mark.parametrize("shape,n,bias,gamma", [((3, 5, 7, 20), 20, True, False), ((37, 64), 64, False, True),
+                                                ((2, 49, 96), 35, True, True), ((1, 8, 8, 256), 256, True, False)],
+                         ids=["4d_odd", "2d_nobias_gamma", "n35_gamma", "c256"])
+@pytest.mark.parametrize("layernorm", [False, True], ids=["residual", "residual_ln"])
+def test_linear_residual_forward(shape, n, bias, gamma, layernorm):
+    x, w, b, residual, g, ln = _linear_residual_inputs(shape, n, bias, gamma, layernorm, noncontiguous_residual=bias)
+    expected, expected_norm = _linear_residual_expected(x, w, b, residual, g, ln)
+    with torch.inference_mode():
+        if layernorm:
+            y, normed = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
+            torch.testing.assert_close(normed, expected_norm, atol=ATOL32, rtol=RTOL32)
+        else:
+            y = cpu.linear_residual(x, w, b, residual, g)
+    torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
+    assert y.shape == residual.shape
+
+
+def test_linear_residual_thread_count_invariance():
+    x, w, b, residual, g, ln = _linear_residual_inputs((4, 300, 64), 64, True, True, True)
+    with torch.inference_mode():
+        with num_threads(1):
+            one = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
+        with num_threads(2):
+            two = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
+    assert all(torch.equal(a, c) for a, c in zip(one, two))
+
+
+def test_linear_residual_autograd_and_other_dtypes():
+    # a differentiated call runs the PyTorch math: gradients are autograd's, fp64 gradchecks
+    x, w, b, residual, g, ln = _linear_residual_inputs((3, 6, 8), 8, True, True, True)
+    args = [t.double().requires_grad_() for t in (x, w, b, residual, g, *ln)]
+    assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual_layernorm(*a[:5], a[5], a[6]), args, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual(*a[:5]), args[:5], fast_mode=True)
+    xb, wb, rb = x.bfloat16(), w.bfloat16(), residual.bfloat16()
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu.linear_residual(xb, wb, None, rb), rb + F.linear(xb, wb))
+
+
+def test_linear_residual_bad_inputs_raise():
+    x, w, b, residual, g, ln = _linear_residual_inputs((4, 8), 6, True, True, True)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.linear_residual(x, torch.randn(6, 7), b, residual)
+    with pytest.raises(ValueError, match="residual"):
+        cpu.linear_residual(x, w, b, torch.randn(4, 5))
+    with pytest.raises(ValueError, match="gamma"):
+        cpu.linear_residual(x, w, b, residual, torch.randn(5))
+    with pytest.raises(ValueError, match="ln_weight"):
+        cpu.linear_residual_layernorm(x, w, b, residual, None, torch.randn(3), None)
+    with pytest.raises(ValueError, match="bias is on meta"):
+        cpu.linear_residual(x, w, b.to("meta"), residual)
+    with pytest.raises(RuntimeError, match="float32"):  # the C++ op itself checks too, never crashes
+        EXT.linear_residual(x.double(), w.double(), None, residual.double(), None)

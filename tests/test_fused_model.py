@@ -79,9 +79,28 @@ def test_cpu_runs_kernels_for_inference_and_reference_for_training():
         model.eval()(x)
     with CountOps() as training:
         model.train()(x).sum().backward()
-    fused_ops = ("gcvit.window_attention_fwd", "gcvit.fused_mbconv_fwd", "gcvit.linear_gelu")
+    fused_ops = ("gcvit.window_attention_fwd", "gcvit.fused_mbconv_fwd", "gcvit.linear_gelu",
+                 "gcvit.linear_residual.", "gcvit.linear_residual_layernorm")
     assert all(any(op in n for n in inference.names) for op in fused_ops)
     assert not any(op in n for n in training.names for op in fused_ops)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layer_scale", [None, 0.5], ids=["no_layer_scale", "layer_scale"])
+def test_cpu_inference_path_matches_reference(layer_scale):
+    """The inference-only path (fused blocks: projection + residual + LayerNorm ops, channels-last maps),
+    which compare() does not take because it differentiates."""
+    model = _small_model(layer_scale=layer_scale).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        expected_feats = model.forward_intermediates(x)
+        gcvit.fuse(model)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+        feats = model.forward_intermediates(x)
+    for got, want in zip(feats, expected_feats):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_falls_back_with_one_warning_for_attention_dropout():
