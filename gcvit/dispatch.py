@@ -67,7 +67,7 @@ class Fused(NamedTuple):
 
 
 _OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"),
-        ("cpu", "linear_residual"), ("cpu", "linear_residual_layernorm"))
+        ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"))
 # (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
 # torch.compile traces only a dict lookup, never an import or a C++ build.
 _resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
@@ -162,22 +162,22 @@ def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch
     """One GC ViT block on a (B, H, W, C) map.
 
     CPU fp32 inference with ``fused``: LayerNorm, the fused attention, then the output projection, bias, layer
-    scale, residual add and the second LayerNorm as ONE op (GEMM plus a single pass over each row), the MLP's fc1
-    with GELU, and fc2 with bias, layer scale and residual as one op. Everywhere else (training, other devices,
+    scale, residual add and the second LayerNorm as ONE op (GEMM plus a single pass over each row), and the MLP
+    with GELU, layer scale and residual as one op (row blocks kept in L2 where the weights are small). Everywhere else (training, other devices,
     dtypes, autocast): the block's modules one by one, each dispatching on its own."""
     if (blk.fused and not blk.training and x.device.type == "cpu" and x.dtype == torch.float32
             and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, blk)):
-        ops = [_backend("cpu", op, x.device).op for op in ("linear_residual_layernorm", "linear_gelu", "linear_residual")]
+        ops = [_backend("cpu", op, x.device).op for op in ("linear_residual_layernorm", "mlp_residual")]
         if all(op is not None for op in ops):
-            linear_residual_layernorm, linear_gelu, linear_residual = ops
+            linear_residual_layernorm, mlp_residual = ops
             attn, mlp = blk.attn, blk.mlp
             out = _attention_before_projection(attn, blk.norm1(x), global_query if attn.use_global else None)
             if out is not None and out.dtype == torch.float32:
                 x, normed = linear_residual_layernorm(out, attn.proj.weight, attn.proj.bias, x,
                                                       getattr(blk.ls1, "gamma", None), blk.norm2.weight,
                                                       blk.norm2.bias, blk.norm2.eps)
-                hidden = linear_gelu(normed, mlp.fc1.weight, mlp.fc1.bias)
-                return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, getattr(blk.ls2, "gamma", None))
+                return mlp_residual(normed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, x,
+                                    getattr(blk.ls2, "gamma", None))
     return blk.forward_per_module(x, global_query)
 
 

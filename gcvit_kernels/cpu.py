@@ -482,9 +482,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
-# Extra ops: Linear + bias + layer scale + residual (+ LayerNorm), the projections that end a block's halves:
-# gcvit::linear_residual, gcvit::linear_residual_layernorm. Inference ops: a differentiated call runs the
-# PyTorch math below instead, so autograd stays correct.
+# Extra ops: the two halves' ends of a transformer block. gcvit::linear_residual_layernorm (the attention's
+# output projection + bias + layer scale + residual, and the second LayerNorm) and gcvit::mlp_residual (the
+# MLP + layer scale + residual). Inference ops: a differentiated call runs the PyTorch math below instead, so
+# autograd stays correct.
 # ------------------------------------------------------------------------------------------------
 
 def _linear_residual_torch(x, weight, bias, residual, gamma):
@@ -492,21 +493,42 @@ def _linear_residual_torch(x, weight, bias, residual, gamma):
     return residual + (y * gamma if gamma is not None else y)
 
 
-def _check_linear_residual(x, weight, bias, residual, gamma, ln_weight=None, ln_bias=None):
-    tensors = [("x", x), ("weight", weight), ("residual", residual)]
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x (..., K) and weight (N, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    n = weight.shape[0]
-    if tuple(residual.shape) != (*x.shape[:-1], n):
-        raise ValueError(f"residual must be {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
-    for name, t in (("bias", bias), ("gamma", gamma), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+def _check_vectors(n, device, **vectors):
+    for name, t in vectors.items():
         if t is not None:
             if tuple(t.shape) != (n,):
                 raise ValueError(f"{name} must be ({n},), got {tuple(t.shape)}")
-            tensors.append((name, t))
-    for name, t in tensors:
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_weight(name, weight, k, device):
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{name} must be (N, {k}) for an input of {k} features, got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but x is on {device}")
+
+
+def _check_residual(residual, x, n):
+    if tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ValueError(f"residual must be {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+
+
+def _check_linear_residual(x, weight, bias, residual, gamma, ln_weight=None, ln_bias=None):
+    _check_weight("weight", weight, x.shape[-1], x.device)
+    n = weight.shape[0]
+    _check_residual(residual, x, n)
+    _check_vectors(n, x.device, bias=bias, gamma=gamma, ln_weight=ln_weight, ln_bias=ln_bias)
+
+
+def _check_mlp_residual(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
+    _check_weight("fc1_weight", fc1_weight, x.shape[-1], x.device)
+    _check_weight("fc2_weight", fc2_weight, fc1_weight.shape[0], x.device)
+    _check_residual(residual, x, fc2_weight.shape[0])
+    _check_vectors(fc1_weight.shape[0], x.device, fc1_bias=fc1_bias)
+    _check_vectors(fc2_weight.shape[0], x.device, fc2_bias=fc2_bias, gamma=gamma)
 
 
 def _use_kernel(*tensors) -> bool:
@@ -519,18 +541,23 @@ def _rows(t, n):
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-@torch.library.custom_op("gcvit::linear_residual", mutates_args=(), device_types="cpu")
-def _linear_residual_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                        gamma: Optional[torch.Tensor]) -> torch.Tensor:
-    if _use_kernel(x, weight, bias, residual, gamma):
-        n = weight.shape[0]
-        y = load().linear_residual(_rows(x, x.shape[-1]), weight, bias, _rows(residual, n), gamma)
+def _mlp_residual_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
+    return _linear_residual_torch(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias, residual, gamma)
+
+
+@torch.library.custom_op("gcvit::mlp_residual", mutates_args=(), device_types="cpu")
+def _mlp_residual_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+                     fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], residual: torch.Tensor,
+                     gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    if _use_kernel(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
+        c = x.shape[-1]
+        y = load().mlp_residual(_rows(x, c), fc1_weight, fc1_bias, fc2_weight, fc2_bias, _rows(residual, c), gamma)
         return y.view(residual.shape)
-    return _linear_residual_torch(x, weight, bias, residual, gamma)
+    return _mlp_residual_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma)
 
 
-@_linear_residual_op.register_fake
-def _linear_residual_fake(x, weight, bias, residual, gamma):
+@_mlp_residual_op.register_fake
+def _mlp_residual_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
     return residual.new_empty(residual.shape)
 
 
@@ -556,24 +583,28 @@ def _differentiated(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                    gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + gamma * (x @ weight.T + bias)`` (gamma: optional LayerScale), e.g. an MLP's fc2 with the
-    block's residual, as ``gcvit::linear_residual``: one GEMM into the output, then one pass per row adding
-    bias, scale and residual (fp32 CPU: C++; otherwise, and when autograd will differentiate the call, the
-    PyTorch math). Raises ValueError on mismatched shapes or devices."""
-    _check_linear_residual(x, weight, bias, residual, gamma)
-    if x.device.type != "cpu" or _differentiated(x, weight, bias, residual, gamma):
-        return _linear_residual_torch(x, weight, bias, residual, gamma)
-    return torch.ops.gcvit.linear_residual(x, weight, bias, residual, gamma)
+def mlp_residual(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+                 fc2_bias: Optional[torch.Tensor], residual: torch.Tensor,
+                 gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A block's MLP half after its norm: ``residual + gamma * fc2(gelu(fc1(x)))`` (exact GELU; gamma an optional
+    LayerScale), as ``gcvit::mlp_residual``. fp32 CPU: C++, in blocks of rows whose hidden activations stay in
+    L2 when the weights are small (the high-resolution stages), otherwise fc1 + GELU and fc2 + residual as two
+    GEMMs with one-pass epilogues; other dtypes, and calls autograd will differentiate, run the PyTorch math.
+    Raises ValueError on mismatched shapes or devices."""
+    _check_mlp_residual(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma)
+    if x.device.type != "cpu" or _differentiated(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
+        return _mlp_residual_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma)
+    return torch.ops.gcvit.mlp_residual(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma)
 
 
 def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               residual: torch.Tensor, gamma: Optional[torch.Tensor], ln_weight: torch.Tensor,
                               ln_bias: Optional[torch.Tensor], eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`linear_residual` and the LayerNorm of its result, ``(y, layer_norm(y))``, in the same row pass
-    (the attention's output projection, residual and the block's second norm), as
-    ``gcvit::linear_residual_layernorm``. Same dtype/device/autograd rules as :func:`linear_residual`."""
+    """``y = residual + gamma * (x @ weight.T + bias)`` and its LayerNorm, ``(y, layer_norm(y))`` (the attention's
+    output projection, the residual and the block's second norm), as ``gcvit::linear_residual_layernorm``: one
+    GEMM into y, then one pass per row adding bias, scale and residual and normalising the row while it is in
+    L1. fp32 CPU: C++; other dtypes, and calls autograd will differentiate, run the PyTorch math. Raises
+    ValueError on mismatched shapes or devices."""
     _check_linear_residual(x, weight, bias, residual, gamma, ln_weight, ln_bias)
     if x.device.type != "cpu" or _differentiated(x, weight, bias, residual, gamma, ln_weight, ln_bias):
         y = _linear_residual_torch(x, weight, bias, residual, gamma)

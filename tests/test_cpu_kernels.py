@@ -374,74 +374,89 @@ def test_linear_gelu_other_dtypes_and_errors():
         cpu.linear_gelu(torch.randn(4, 8), torch.randn(6, 8), torch.randn(5))
 
 
-def _linear_residual_inputs(shape, n, bias, gamma, layernorm, noncontiguous_residual=False):
-    k = shape[-1]
-    x = torch.randn(*shape)
-    w = torch.randn(n, k) * k ** -0.5
-    b = torch.randn(n) if bias else None
-    g = torch.randn(n) if gamma else None
-    residual = torch.randn(*shape[:-1], n)
-    if noncontiguous_residual:  # rows with a stride larger than n (a column slice of a wider map)
-        residual = torch.randn(*shape[:-1], n + 5)[..., :n]
-    ln = (torch.randn(n), torch.randn(n)) if layernorm else (None, None)
-    return x, w, b, residual, g, ln
-
-
-def _linear_residual_expected(x, w, b, residual, g, ln, eps=1e-5):
-    y = F.linear(x, w, b)
-    y = residual + (y * g if g is not None else y)
-    return y, (F.layer_norm(y, (w.shape[0],), ln[0], ln[1], eps) if ln[0] is not None else None)
+def _vector(n, present):
+    return torch.randn(n) if present else None
 
 
 @pytest.mark.parametrize("shape,n,bias,gamma", [((3, 5, 7, 20), 20, True, False), ((37, 64), 64, False, True),
                                                 ((2, 49, 96), 35, True, True), ((1, 8, 8, 256), 256, True, False)],
                          ids=["4d_odd", "2d_nobias_gamma", "n35_gamma", "c256"])
-@pytest.mark.parametrize("layernorm", [False, True], ids=["residual", "residual_ln"])
-def test_linear_residual_forward(shape, n, bias, gamma, layernorm):
-    x, w, b, residual, g, ln = _linear_residual_inputs(shape, n, bias, gamma, layernorm, noncontiguous_residual=bias)
-    expected, expected_norm = _linear_residual_expected(x, w, b, residual, g, ln)
+def test_linear_residual_layernorm_forward(shape, n, bias, gamma):
+    k = shape[-1]
+    x, w = torch.randn(*shape), torch.randn(n, k) * k ** -0.5
+    b, g = _vector(n, bias), _vector(n, gamma)
+    residual = torch.randn(*shape[:-1], n + 5)[..., :n]  # rows with a stride larger than n
+    ln_weight, ln_bias = torch.randn(n), _vector(n, bias)
+    y_expected = residual + F.linear(x, w, b) * (g if g is not None else 1)
     with torch.inference_mode():
-        if layernorm:
-            y, normed = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
-            torch.testing.assert_close(normed, expected_norm, atol=ATOL32, rtol=RTOL32)
-        else:
-            y = cpu.linear_residual(x, w, b, residual, g)
-    torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
-    assert y.shape == residual.shape
+        y, normed = cpu.linear_residual_layernorm(x, w, b, residual, g, ln_weight, ln_bias)
+    torch.testing.assert_close(y, y_expected, atol=ATOL32, rtol=RTOL32)
+    torch.testing.assert_close(normed, F.layer_norm(y_expected, (n,), ln_weight, ln_bias), atol=ATOL32, rtol=RTOL32)
 
 
-def test_linear_residual_thread_count_invariance():
-    x, w, b, residual, g, ln = _linear_residual_inputs((4, 300, 64), 64, True, True, True)
+def _mlp_inputs(shape, hidden, bias=True, gamma=True):
+    c = shape[-1]
+    return (torch.randn(*shape), torch.randn(hidden, c) * c ** -0.5, _vector(hidden, bias),
+            torch.randn(c, hidden) * hidden ** -0.5, _vector(c, bias), torch.randn(*shape), _vector(c, gamma))
+
+
+def _mlp_expected(x, w1, b1, w2, b2, residual, g):
+    y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    return residual + (y * g if g is not None else y)
+
+
+# C <= 128 runs in L2-sized row blocks (600 rows: two full blocks and a partial one), C = 256 as two GEMMs
+@pytest.mark.parametrize("shape,hidden,bias,gamma", [((600, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
+                                                     ((3, 100, 128), 384, True, True), ((2, 49, 256), 768, True, False)],
+                         ids=["c64_blocks", "c20_odd", "c128_blocks", "c256_two_gemms"])
+def test_mlp_residual_forward(shape, hidden, bias, gamma):
+    if shape[-1] in (64, 128) and not EXT.has_blas():
+        pytest.skip("no Fortran sgemm_ symbol in this torch build: the row-blocked path is off")
+    args = _mlp_inputs(shape, hidden, bias, gamma)
     with torch.inference_mode():
-        with num_threads(1):
-            one = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
-        with num_threads(2):
-            two = cpu.linear_residual_layernorm(x, w, b, residual, g, *ln)
-    assert all(torch.equal(a, c) for a, c in zip(one, two))
+        y = cpu.mlp_residual(*args)
+    torch.testing.assert_close(y, _mlp_expected(*args), atol=ATOL32, rtol=RTOL32)
 
 
-def test_linear_residual_autograd_and_other_dtypes():
+def test_fused_block_ops_thread_count_invariance():
+    x, w1, b1, w2, b2, residual, g = _mlp_inputs((4, 300, 64), 192)
+    ln = (torch.randn(64), torch.randn(64))
+    with torch.inference_mode():
+        results = []
+        for threads in (1, 2):
+            with num_threads(threads):
+                results.append((cpu.mlp_residual(x, w1, b1, w2, b2, residual, g),
+                                *cpu.linear_residual_layernorm(x, w2[:, :64].contiguous(), b2, residual, g, *ln)))
+    assert all(torch.equal(a, c) for a, c in zip(*results))
+
+
+def test_fused_block_ops_autograd_and_other_dtypes():
     # a differentiated call runs the PyTorch math: gradients are autograd's, fp64 gradchecks
-    x, w, b, residual, g, ln = _linear_residual_inputs((3, 6, 8), 8, True, True, True)
-    args = [t.double().requires_grad_() for t in (x, w, b, residual, g, *ln)]
-    assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual_layernorm(*a[:5], a[5], a[6]), args, fast_mode=True)
-    assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual(*a[:5]), args[:5], fast_mode=True)
-    xb, wb, rb = x.bfloat16(), w.bfloat16(), residual.bfloat16()
+    args = [t.double().requires_grad_() for t in _mlp_inputs((3, 6, 8), 16)]
+    assert torch.autograd.gradcheck(lambda *a: cpu.mlp_residual(*a), args, fast_mode=True)
+    x, w, b, residual, g = (torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True),
+                            *(torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((8, 8), (8,), (3, 6, 8), (8,))))
+    ln = [torch.randn(8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual_layernorm(*a), (x, w, b, residual, g, *ln),
+                                    fast_mode=True)
+    bf16 = [None if t is None else t.bfloat16() for t in _mlp_inputs((5, 16), 32)]
     with torch.inference_mode():
-        torch.testing.assert_close(cpu.linear_residual(xb, wb, None, rb), rb + F.linear(xb, wb))
+        torch.testing.assert_close(cpu.mlp_residual(*bf16), _mlp_expected(*bf16))
 
 
-def test_linear_residual_bad_inputs_raise():
-    x, w, b, residual, g, ln = _linear_residual_inputs((4, 8), 6, True, True, True)
-    with pytest.raises(ValueError, match="weight"):
-        cpu.linear_residual(x, torch.randn(6, 7), b, residual)
+def test_fused_block_ops_bad_inputs_raise():
+    x, w1, b1, w2, b2, residual, g = _mlp_inputs((4, 8), 16)
+    with pytest.raises(ValueError, match="fc1_weight"):
+        cpu.mlp_residual(x, torch.randn(16, 7), b1, w2, b2, residual)
+    with pytest.raises(ValueError, match="fc2_weight"):
+        cpu.mlp_residual(x, w1, b1, torch.randn(8, 15), b2, residual)
     with pytest.raises(ValueError, match="residual"):
-        cpu.linear_residual(x, w, b, torch.randn(4, 5))
+        cpu.mlp_residual(x, w1, b1, w2, b2, torch.randn(4, 5))
     with pytest.raises(ValueError, match="gamma"):
-        cpu.linear_residual(x, w, b, residual, torch.randn(5))
+        cpu.mlp_residual(x, w1, b1, w2, b2, residual, torch.randn(5))
+    with pytest.raises(ValueError, match="fc1_bias is on meta"):
+        cpu.mlp_residual(x, w1, b1.to("meta"), w2, b2, residual)
     with pytest.raises(ValueError, match="ln_weight"):
-        cpu.linear_residual_layernorm(x, w, b, residual, None, torch.randn(3), None)
-    with pytest.raises(ValueError, match="bias is on meta"):
-        cpu.linear_residual(x, w, b.to("meta"), residual)
-    with pytest.raises(RuntimeError, match="float32"):  # the C++ op itself checks too, never crashes
-        EXT.linear_residual(x.double(), w.double(), None, residual.double(), None)
+        cpu.linear_residual_layernorm(x, w2[:, :8], b2, residual, None, torch.randn(3), None)
+    with pytest.raises(RuntimeError, match="float32"):  # the C++ ops check too, never crash
+        EXT.mlp_residual(x.double(), w1.double(), None, w2.double(), None, residual.double(), None)
