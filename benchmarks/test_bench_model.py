@@ -317,6 +317,9 @@ def _onnx_runner(case: Case, device: torch.device, settings: Settings) -> Runner
     export_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.threads
+    # ORT's idle workers spin after each run by default: in an interleaved run they would take the cores from
+    # the case timed next (measured: reference eager 20-25% slower right after an ORT round), so they sleep
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
