@@ -11,6 +11,8 @@ Two measures go into ``extra_info``: wall-clock medians with the default thread 
 ``ratio_*``) and, because this machine is shared and wall clock is noisy under load, single-thread CPU
 time minima (``*_cpu1t_ms``, ``ratio_*_cpu1t``), which contention does not inflate.
 Goals (brief): attention >= 2x ref and >= 1.3x SDPA; MBConv >= 1.5x ref. ``goal_met`` records it.
+The block-epilogue ops (linear_gelu, mlp_residual, linear_residual_layernorm) have no goal of their own; they
+are timed against the reference ops they replace.
 """
 import time
 
@@ -29,6 +31,8 @@ BATCH = 8
 ATTN_STAGES = [(56, 64, 2, 7), (28, 128, 4, 7), (14, 256, 8, 14), (7, 512, 16, 7)]
 # every Fused-MBConv of gcvit_tiny at 224: (C, map); the model feeds them channels_last maps
 MBCONV_SHAPES = [(64, 112), (64, 56), (64, 28), (64, 14), (128, 28), (128, 14), (256, 14), (512, 7)]
+# the token maps of the four stages: (map, C)
+TOKEN_STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
 
 def _interleaved(fns, rounds, clock, threads=None, reduce=None):
@@ -140,7 +144,7 @@ def test_bench_fused_mbconv(benchmark, shape, channels_last):
     info["goal_met_cpu1t"] = info["ratio_ref_cpu1t"] >= 1.5
 
 
-@pytest.mark.parametrize("stage", [(56, 64), (28, 128), (14, 256), (7, 512)], ids=lambda s: f"map{s[0]}_C{s[1]}")
+@pytest.mark.parametrize("stage", TOKEN_STAGES, ids=lambda s: f"map{s[0]}_C{s[1]}")
 def test_bench_linear_gelu(benchmark, stage):
     """Extra op gcvit::linear_gelu (MLP fc1 + exact GELU) vs F.gelu(F.linear(...)), (B, H, W, C) tokens."""
     hw, c = stage
@@ -149,3 +153,40 @@ def test_bench_linear_gelu(benchmark, stage):
         torch.testing.assert_close(cpu.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
         compare(benchmark, [("ours", lambda: cpu.linear_gelu(x, w, b)),
                             ("ref", lambda: F.gelu(F.linear(x, w, b)))], rounds=7, cpu_rounds=5)
+
+
+@pytest.mark.parametrize("stage", TOKEN_STAGES, ids=lambda s: f"map{s[0]}_C{s[1]}")
+def test_bench_mlp_residual(benchmark, stage):
+    """gcvit::mlp_residual (a block's MLP half: fc1 + GELU + fc2 + residual) vs the reference
+    x + fc2(gelu(fc1(x))) of the block, (B, H, W, C) tokens, mlp_ratio 3."""
+    hw, c = stage
+    x, residual = torch.randn(BATCH, hw, hw, c), torch.randn(BATCH, hw, hw, c)
+    w1, b1 = torch.randn(3 * c, c) * c ** -0.5, torch.randn(3 * c)
+    w2, b2 = torch.randn(c, 3 * c) * (3 * c) ** -0.5, torch.randn(c)
+
+    def reference():
+        return residual + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu.mlp_residual(x, w1, b1, w2, b2, residual), reference(), atol=2e-5, rtol=2e-5)
+        compare(benchmark, [("ours", lambda: cpu.mlp_residual(x, w1, b1, w2, b2, residual)), ("ref", reference)],
+                rounds=7, cpu_rounds=5)
+
+
+@pytest.mark.parametrize("stage", TOKEN_STAGES, ids=lambda s: f"map{s[0]}_C{s[1]}")
+def test_bench_linear_residual_layernorm(benchmark, stage):
+    """gcvit::linear_residual_layernorm (attention output projection + residual + the block's second norm) vs
+    the reference (y = x + proj(a); layer_norm(y))."""
+    hw, c = stage
+    a, x = torch.randn(BATCH, hw, hw, c), torch.randn(BATCH, hw, hw, c)
+    w, b, ln_w, ln_b = torch.randn(c, c) * c ** -0.5, torch.randn(c), torch.randn(c), torch.randn(c)
+
+    def reference():
+        y = x + F.linear(a, w, b)
+        return y, F.layer_norm(y, (c,), ln_w, ln_b)
+
+    with torch.inference_mode():
+        for got, want in zip(cpu.linear_residual_layernorm(a, w, b, x, None, ln_w, ln_b), reference()):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        compare(benchmark, [("ours", lambda: cpu.linear_residual_layernorm(a, w, b, x, None, ln_w, ln_b)),
+                            ("ref", reference)], rounds=7, cpu_rounds=5)

@@ -67,7 +67,7 @@ def markdown(doc: Dict[str, Any], name: str) -> str:
         "- Speed-up: median over rounds of (reference eager round time / this case's round time), the rounds of "
         "the two interleaved in this run; the group's reference is GC ViT reference eager of the same variant, "
         "task, batch and size. `compile-frozen`: torch.compile with inductor freezing under no_grad. Peak memory: "
-        "CUDA max allocated; CPU peak RSS of the process sampled during the timed steps (growth over the RSS "
+        "CUDA max allocated; CPU peak RSS of the process sampled during one untimed step after the timed ones (growth over the RSS "
         "before the case was built in brackets).",
         "",
     ]
