@@ -26,49 +26,29 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
   the GEMM's beta=1 input (one batched GEMM).
 * ``gcvit::fused_mbconv_bwd`` -- explicit PyTorch math (recompute from the inputs).
 
-Measurements (AMD EPYC, 2 cores with AVX2, shared with other jobs: load average 5-8 during the runs, so
-wall-clock numbers swing by 2-10x; the robust figure is single-thread CPU time, ``time.process_time`` with
-``torch.set_num_threads(1)``, min over rounds, interleaved in one run; benchmarks/test_bench_cpu.py records
-both). fp32, batch 8, gcvit_tiny shapes, 10:20 UTC run, ratio = reference time / C++ time:
+Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementwise op for each):
 
-* window attention vs gcvit.functional.window_attention (ref) and vs window partition + SDPA with the bias
-  as a float mask (sdpa), 1-thread CPU time:
-  stage 1 (56^2, C 64, 2 heads, 7x7):   local 14.1 ms, ref 4.1x, sdpa 2.7x; global 16.4 ms, ref 4.5x, sdpa 3.0x
-  stage 2 (28^2, C 128, 4 heads, 7x7):  local 7.3 ms,  ref 2.3x, sdpa 1.6x; global 6.6 ms,  ref 2.3x, sdpa 1.7x
-  stage 3 (14^2, C 256, 8 heads, 14x14): local 15.5 ms, ref 1.6x, sdpa 1.0x; global 11.6 ms, ref 1.9x, sdpa 1.2x
-  stage 4 (7^2, C 512, 16 heads, 7x7):  local 2.3 ms,  ref 2.0x, sdpa 1.3x; global 2.8 ms,  ref 2.2x, sdpa 1.6x
-  (an earlier, quieter run: stage 3 local 10.7-11.0 ms, ref 2.0-2.2x, sdpa 1.1-1.2x; the final benchmark
-  run at 10:28, 1-thread CPU time: ref 1.70-3.15x, sdpa 1.21-1.94x except stage 4 local sdpa 0.92x, so the
-  run-to-run spread is about +-25%: the >= 2x ref / >= 1.3x SDPA goals hold for stages 1-2, not reliably
-  for stages 3-4). Wall clock, 2 threads,
-  same run: ref 5.6-64x, sdpa 2.8-25x (the reference's many small multi-threaded ops suffer most from the
-  contention, so these overstate the gain).
-* Fused-MBConv vs gcvit.functional.fused_mbconv, 1-thread CPU time, channels_last (the model's layout),
-  before the exp_u20 GELU (after it, 10:25 run: C64 112^2 2.8x, C64 56^2 1.21x (NCHW 1.41x), C128 28^2
-  1.29x, C256 14^2 1.28x, C512 7^2 1.54x):
-  C64 112^2 52.6 ms 1.54x; C64 56^2 1.14x (NCHW 1.21x); C64 28^2 0.95x; C64 14^2 0.94x; C128 28^2 1.03x;
-  C128 14^2 0.95x; C256 14^2 1.13x (NCHW 0.94x); C512 7^2 1.06x. The 1x1 GEMM (MKL either way) dominates
-  below 112^2, so the one-pass dwconv+GELU+pool and the folded gate/residual save little there; the 1.5x
-  goal is met only at the stem's 112^2 map.
-* Whole model (gcvit.create_model("tiny"), fp32, batch 8, 224, inference, fused=True vs False, outputs
-  within 8e-7), 10:29 run, 1-thread CPU time: reference 2219 ms, fused 1592 ms = 1.39x, fused plus
-  ``linear_gelu`` patched into every Mlp (scratch script, the model is not this module's) 1512 ms = 1.47x.
-  Wall clock with 2 threads in the same run: 1.05x / 1.09x -- with other jobs on the 2 cores every kernel
-  here ran SLOWER with 2 threads than with 1 (e.g. attention stage 1 19.2 ms at 1 thread, 21.4 ms at 2;
-  the reference's 38.9 ms became 95 ms), so 2-thread wall clock on this shared machine measures the
-  contention, not the kernels. The 1.5x product goal is not reached (1.47x at best, single thread); what is
-  left is MKL Linear (48%), LayerNorm and the remaining GELU work.
-* Training (fwd + bwd, 1-thread CPU time): the backward ops are PyTorch math, slower than the reference's
-  autograd: attention stage 1 local 0.77x, stage 3 global 0.88x; MBConv C64 56^2 ~0.9x. On the CPU, use the
-  fused path for inference; for training the reference path is as fast or faster (a C++ backward is left).
-* Extra op ``gcvit::linear_gelu`` (Python API :func:`linear_gelu`): MLP fc1 + exact GELU, one MKL GEMM then
-  the GELU epilogue in place with a cheaper erf (exp_u20): 1-thread CPU time vs ``F.gelu(F.linear())`` at
-  fc1 shapes (tokens x C -> 3C): 25088x64 1.26x, 6272x128 1.13x, 1568x256 1.11x, 392x512 1.03x. Pays a
-  little; worth wiring into the MLP (GELU is 11% of the model's time).
-* Candidates measured and removed (they do not pay on this CPU): row-blocked GEMM + GELU epilogue while the block is hot
-  in cache: 0.2-0.98x (per-block GEMM calls lose more than the saved memory traffic); LayerNorm fused into
-  the next GEMM's input (row blocks normalised into a thread-local buffer): 0.78-1.2x, i.e. within noise of
-  1.0. Residual + layer-scale is already a single pass in PyTorch (addcmul), nothing to gain.
+* ``gcvit::linear_gelu``, ``gcvit::linear_residual_layernorm``, ``gcvit::mlp_residual`` -- the GEMMs next
+  to attention with their epilogues fused (inference ops; a differentiated call runs PyTorch math):
+  fc1 + exact GELU; output projection + bias + layer scale + residual + the block's second LayerNorm in one
+  row pass; the whole MLP half of a block, in L2-sized row blocks (BLAS ``sgemm_`` per block, found at run
+  time) where the weights are small.
+
+Measurements: ``benchmarks/results/cpu-2core-2026-11-25-ops.json`` (``pytest benchmarks/test_bench_cpu.py
+--benchmark-only``), AMD EPYC, 2 cores with AVX2, fp32, batch 8, gcvit_tiny shapes, 13:12 UTC, idle machine.
+Ratio = reference time / C++ time, wall clock at 2 threads (single-thread CPU time in brackets):
+
+* window attention vs the reference subgraph / vs SDPA with the bias as a mask:
+  stage 1 (56^2, 7x7): 3.9-4.3x (3.5-3.9x) / 2.8-3.5x (2.6-2.7x);
+  stage 2 (28^2, 7x7): 2.0x (2.0x) / 2.2x (1.6x);
+  stage 3 (14^2, 14x14): 1.8-2.1x (1.7-1.9x) / 1.3-1.4x (1.2-1.3x);
+  stage 4 (7^2, 7x7): 1.7-2.0x (1.6-2.0x) / 1.9-2.0x (1.3-1.5x).
+  The goals (>= 2x reference, >= 1.3x SDPA) hold for stages 1-2 and are borderline for stages 3-4.
+* Fused-MBConv (channels_last, as the model feeds it): 1.1-1.5x (1.1-1.3x); the 1.5x goal is not met. Below the
+  stem's 112^2 map the 1x1 GEMM (MKL either way) dominates.
+* mlp_residual: 1.34x / 1.39x at stages 1-2 (row blocks), 1.0x at stages 3-4 (two GEMMs at peak already);
+  linear_residual_layernorm 0.9-1.16x (noisy, GEMM-bound); linear_gelu 0.96-1.11x.
+* Whole model: see the README (fused 1.29-1.30x reference eager, 2 threads).
 """
 from __future__ import annotations
 
