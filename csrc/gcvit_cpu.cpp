@@ -28,6 +28,7 @@
 
 #include <dlfcn.h>
 
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -746,19 +747,33 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
 // the extension never fails to load over it; without it the MLP takes its two-GEMM path.
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  return fn;
-}
 
 // y (rows, n) = x (rows, k) @ W^T with W (n, k), row-major with leading dims ldx / ldy, on the calling thread
-// (inside a parallel region MKL runs single-threaded). Column-major BLAS computes y^T = W x^T.
+// (inside a parallel region MKL runs single-threaded). Column-major BLAS computes y^T = W x^T. The integer
+// arguments live in 64-bit slots: on a little-endian CPU a 32-bit (LP64) and a 64-bit (ILP64) BLAS read the
+// same small values from them.
 inline void gemm_rows(SgemmFn sgemm, const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k,
                       float* y, int64_t ldy) {
-  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
-  const int lda = static_cast<int>(k), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
+  static_assert(std::endian::native == std::endian::little, "the BLAS integer slots assume little-endian");
+  const int64_t m_ = n, n_ = rows, k_ = k, lda = k, ldb = ldx, ldc = ldy;
+  auto i = [](const int64_t& v) { return reinterpret_cast<const int*>(&v); };
   const float one = 1.f, zero = 0.f;
-  sgemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+  sgemm("T", "N", i(m_), i(n_), i(k_), &one, w, i(lda), x, i(ldb), &zero, y, i(ldc));
+}
+
+// The symbol, checked once on a small product with a known answer (a wrong BLAS is turned off, never used)
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
+    auto candidate = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    if (!candidate) return nullptr;
+    const float x[6] = {1, 2, 3, 4, 5, 6};           // (2, 3)
+    const float w[6] = {1, 0, -1, 2, 1, 0};          // (2, 3)
+    float y[4] = {0, 0, 0, 0};                       // x @ w^T = [[-2, 4], [-2, 13]]
+    gemm_rows(candidate, x, 3, w, 2, 2, 3, y, 2);
+    const bool ok = y[0] == -2.f && y[1] == 4.f && y[2] == -2.f && y[3] == 13.f;
+    return ok ? candidate : nullptr;
+  }();
+  return fn;
 }
 
 // The MLP with its residual: out = residual + gamma * (gelu(x @ W1^T + b1) @ W2^T + b2). When both weights
