@@ -598,14 +598,27 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
 // (gamma is a LayerScale, optional). Each row is owned by one task: deterministic for any thread count.
 // ------------------------------------------------------------------------------------------------
 
+// an optional per-channel vector (bias, layer scale, LayerNorm affine): float32 (n) when given
+void check_vector(const char* op, const char* name, const c10::optional<at::Tensor>& t, int64_t n) {
+  if (t.has_value() && t->defined())
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat, "gcvit cpu ", op, ": ", name,
+                " must be float32 (", n, "), got ", t->scalar_type(), " ", t->sizes());
+}
+
 void check_linear(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gcvit cpu ", op, ": CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gcvit cpu ", op, ": x (M, K) and weight (N, K) ",
               "expected, got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gcvit cpu ", op, ": float32 only");
-  if (bias.has_value() && bias->defined())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == at::kFloat, "gcvit cpu ", op,
-                ": bias must be float32 (", w.size(0), "), got ", bias->sizes());
+  check_vector(op, "bias", bias, w.size(0));
+}
+
+// the residual rows the epilogues read: float32 (m, n), unit column stride (any row stride)
+void check_residual(const char* op, const at::Tensor& residual, int64_t m, int64_t n) {
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == m && residual.size(1) == n &&
+                  residual.scalar_type() == at::kFloat && residual.stride(1) == 1,
+              "gcvit cpu ", op, ": residual must be float32 (", m, ", ", n, ") with unit column stride, got ",
+              residual.sizes());
 }
 
 const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
@@ -673,14 +686,10 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at
                                                         const c10::optional<at::Tensor>& ln_bias, double eps) {
   check_linear(op, x, w, bias);
   const int64_t m = x.size(0), n = w.size(0);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == m && residual.size(1) == n &&
-                  residual.scalar_type() == at::kFloat && residual.stride(1) == 1,
-              "gcvit cpu ", op, ": residual must be float32 (", m, ", ", n, ") with unit column stride, got ",
-              residual.sizes());
-  for (const auto* t : {&gamma, &ln_weight, &ln_bias})
-    if (t->has_value() && (*t)->defined())
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n && (*t)->scalar_type() == at::kFloat, "gcvit cpu ", op,
-                  ": gamma / LayerNorm parameters must be float32 (", n, ")");
+  check_residual(op, residual, m, n);
+  check_vector(op, "gamma", gamma, n);
+  check_vector(op, "ln_weight", ln_weight, n);
+  check_vector(op, "ln_bias", ln_bias, n);
   // the bias goes in by addmm, as in linear_gelu (measured the same as adding it in the row pass here)
   at::Tensor y = linear(x, w, bias);
   at::Tensor gk, lwk, lbk;
@@ -792,14 +801,9 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   const int64_t m = x.size(0), c = x.size(1), hd = w1.size(0);
   TORCH_CHECK(w2.dim() == 2 && w2.size(0) == c && w2.size(1) == hd && w2.scalar_type() == at::kFloat,
               "gcvit cpu mlp_residual: fc2 weight must be float32 (", c, ", ", hd, "), got ", w2.sizes());
-  check_linear("mlp_residual", at::empty({0, hd}, x.options()), w2, b2);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == m && residual.size(1) == c && residual.stride(1) == 1 &&
-                  residual.scalar_type() == at::kFloat,
-              "gcvit cpu mlp_residual: residual must be float32 (", m, ", ", c, ") with unit column stride, got ",
-              residual.sizes());
-  if (gamma.has_value() && gamma->defined())
-    TORCH_CHECK(gamma->dim() == 1 && gamma->size(0) == c && gamma->scalar_type() == at::kFloat,
-                "gcvit cpu mlp_residual: gamma must be float32 (", c, ")");
+  check_vector("mlp_residual", "fc2 bias", b2, c);
+  check_residual("mlp_residual", residual, m, c);
+  check_vector("mlp_residual", "gamma", gamma, c);
   const SgemmFn sgemm = blas_sgemm();
   if (!sgemm || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > MLP_BLOCKED_MAX_WEIGHT_BYTES)
     return linear_residual(linear_gelu(x, w1, b1), w2, b2, residual, gamma);

@@ -161,30 +161,34 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
 def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch.Tensor:
     """One GC ViT block on a (B, H, W, C) map.
 
-    CPU fp32 inference with ``fused``: LayerNorm, the fused attention, then the output projection, bias, layer
+    CPU fp32 inference with ``fused``: LayerNorm and the fused attention, then the output projection, bias, layer
     scale, residual add and the second LayerNorm as ONE op (GEMM plus a single pass over each row), and the MLP
-    with GELU, layer scale and residual as one op (row blocks kept in L2 where the weights are small). Everywhere else (training, other devices,
-    dtypes, autocast): the block's modules one by one, each dispatching on its own."""
-    if (blk.fused and not blk.training and x.device.type == "cpu" and x.dtype == torch.float32
+    with GELU, layer scale and residual as one op (row blocks kept in L2 where the weights are small).
+    Everywhere else (training, other devices, dtypes, autocast): the block's modules one by one, each
+    dispatching on its own."""
+    inference = not blk.training and not blk.attn.training  # so no attention dropout
+    if (blk.fused and inference and x.device.type == "cpu" and x.dtype == torch.float32
             and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, blk)):
-        ops = [_backend("cpu", op, x.device).op for op in ("linear_residual_layernorm", "mlp_residual")]
+        ops = [_backend(module, op, x.device).op for module, op in (
+            ("window_attention", "window_attention"), ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"))]
         if all(op is not None for op in ops):
-            linear_residual_layernorm, mlp_residual = ops
+            _, linear_residual_layernorm, mlp_residual = ops
             attn, mlp = blk.attn, blk.mlp
+            # never None here: the attention kernel exists and there is no attention dropout
             out = _attention_before_projection(attn, blk.norm1(x), global_query if attn.use_global else None)
-            if out is not None and out.dtype == torch.float32:
-                x, normed = linear_residual_layernorm(out, attn.proj.weight, attn.proj.bias, x,
-                                                      getattr(blk.ls1, "gamma", None), blk.norm2.weight,
-                                                      blk.norm2.bias, blk.norm2.eps)
-                return mlp_residual(normed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, x,
-                                    getattr(blk.ls2, "gamma", None))
+            x, normed = linear_residual_layernorm(out, attn.proj.weight, attn.proj.bias, x,
+                                                  getattr(blk.ls1, "gamma", None), blk.norm2.weight,
+                                                  blk.norm2.bias, blk.norm2.eps)
+            return mlp_residual(normed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, x,
+                                getattr(blk.ls2, "gamma", None))
     return blk.forward_per_module(x, global_query)
 
 
 def keeps_channels_last(module, x: torch.Tensor) -> bool:
     """Whether the fused path keeps this NCHW map in channels-last memory: on the CPU its convolutions,
     channels-last LayerNorms and fused kernels then read it without the permute copies timm's NCHW layout costs."""
-    return module.fused and x.device.type == "cpu" and _forced_backend != "triton" and not _reference_is_faster(x, module)
+    return (module.fused and x.device.type == "cpu" and _forced_backend != "triton"
+            and not _reference_is_faster(x, module))
 
 
 def fused_mbconv(block, x: torch.Tensor) -> torch.Tensor:

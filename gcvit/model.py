@@ -351,9 +351,11 @@ class GlobalContextVit(nn.Module):
 
     # -- fused/reference switch -------------------------------------------------------------------------------
     def set_fused(self, fused: bool = True) -> "GlobalContextVit":
-        """Route attention and Fused-MBConv blocks through the fused kernels (True) or the reference (False)."""
+        """Route the model through the fused kernels (True) or the reference (False): attention, Fused-MBConv,
+        MLP, and on the CPU the fused block ends and channels-last maps."""
         for m in self.modules():
-            if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp, GlobalContextVitBlock, GlobalContextVitStage, Stem)):
+            if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp, GlobalContextVitBlock, GlobalContextVitStage,
+                              Stem)):
                 m.fused = bool(fused)
         self.fused = bool(fused)
         if fused:

@@ -49,6 +49,8 @@ Ratio = reference time / C++ time, wall clock at 2 threads (single-thread CPU ti
 * mlp_residual: 1.34x / 1.39x at stages 1-2 (row blocks), 1.0x at stages 3-4 (two GEMMs at peak already);
   linear_residual_layernorm 0.9-1.16x (noisy, GEMM-bound); linear_gelu 0.96-1.11x.
 * Whole model: see the README (fused 1.29-1.30x reference eager, 2 threads).
+* Training: the backward ops are PyTorch math, slower than the reference's autograd (earlier session, 1-thread
+  CPU time: attention 0.77-0.88x, MBConv ~0.9x), so CPU training runs the reference path (gcvit/dispatch.py).
 """
 from __future__ import annotations
 
@@ -473,6 +475,11 @@ def _linear_residual_torch(x, weight, bias, residual, gamma):
     return residual + (y * gamma if gamma is not None else y)
 
 
+def _linear_residual_layernorm_torch(x, weight, bias, residual, gamma, ln_weight, ln_bias, eps):
+    y = _linear_residual_torch(x, weight, bias, residual, gamma)
+    return y, F.layer_norm(y, (weight.shape[0],), ln_weight, ln_bias, eps)
+
+
 def _check_vectors(n, device, **vectors):
     for name, t in vectors.items():
         if t is not None:
@@ -550,8 +557,7 @@ def _linear_residual_layernorm_op(x: torch.Tensor, weight: torch.Tensor, bias: O
         y, normed = load().linear_residual_layernorm(_rows(x, x.shape[-1]), weight, bias, _rows(residual, n), gamma,
                                                      ln_weight, ln_bias, eps)
         return y.view(residual.shape), normed.view(residual.shape)
-    y = _linear_residual_torch(x, weight, bias, residual, gamma)
-    return y, F.layer_norm(y, (n,), ln_weight, ln_bias, eps)
+    return _linear_residual_layernorm_torch(x, weight, bias, residual, gamma, ln_weight, ln_bias, eps)
 
 
 @_linear_residual_layernorm_op.register_fake
@@ -587,8 +593,7 @@ def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optio
     ValueError on mismatched shapes or devices."""
     _check_linear_residual(x, weight, bias, residual, gamma, ln_weight, ln_bias)
     if x.device.type != "cpu" or _differentiated(x, weight, bias, residual, gamma, ln_weight, ln_bias):
-        y = _linear_residual_torch(x, weight, bias, residual, gamma)
-        return y, F.layer_norm(y, (weight.shape[0],), ln_weight, ln_bias, eps)
+        return _linear_residual_layernorm_torch(x, weight, bias, residual, gamma, ln_weight, ln_bias, eps)
     return torch.ops.gcvit.linear_residual_layernorm(x, weight, bias, residual, gamma, ln_weight, ln_bias, float(eps))
 
 
