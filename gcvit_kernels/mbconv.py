@@ -129,6 +129,21 @@ def _gelu_grad(d):
 
 
 @triton.jit
+def _channel_pixel_tile(C, H, W, stride_xb, stride_xc, stride_xh, stride_xw,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's (BLOCK_C channels x BLOCK_P pixels) tile of image b on the grid (pixel tiles, channel
+    tiles, B): b, channels, pixel rows and columns, the in-bounds mask and the offsets in x's strides."""
+    b = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // W
+    w = p % W
+    valid = (c[:, None] < C) & (p[None, :] < H * W)
+    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    return b, c, h, w, valid, x_offs
+
+
+@triton.jit
 def _dwconv_gelu_pool_kernel(
     x_ptr, dw_ptr, partial_ptr,
     C, H, W,
@@ -136,19 +151,12 @@ def _dwconv_gelu_pool_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """partial[b, pixel tile, c] = sum over the tile's pixels of gelu(dwconv3x3(x))[b, c]."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    h = p // W
-    w = p % W
-    valid = (c[:, None] < C) & (p[None, :] < H * W)
-    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    b, c, h, w, valid, x_offs = _channel_pixel_tile(C, H, W, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                    BLOCK_C, BLOCK_P)
     d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
     # outside the tile d is exactly 0 (every load masked) and gelu(0) = 0, so the sum needs no mask
     t_sum = tl.sum(_gelu(d), axis=1)
-    tl.store(partial_ptr + (b * tl.num_programs(0) + pid_p) * C + c, t_sum, mask=c < C)
+    tl.store(partial_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * C + c, t_sum, mask=c < C)
 
 
 @triton.jit
@@ -196,14 +204,9 @@ def _pw_conv_grad_input_kernel(
 ):
     """grad_u[b] = W_pw^T @ grad_out[b] (grad_u in x's strides) and
     partial[b, pixel tile, c] = sum over the tile's pixels of grad_u * gelu(dwconv3x3(x))."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    h = p // W
-    w = p % W
-    p_valid = p < H * W
+    b, c, h, w, valid, x_offs = _channel_pixel_tile(C, H, W, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                    BLOCK_C, BLOCK_P)
+    p_valid = h < H  # pixel index < H * W
     grad_out_pix = b * stride_gb + (h * stride_gh + w * stride_gw)[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for k0 in range(0, C, BLOCK_K):
@@ -212,12 +215,11 @@ def _pw_conv_grad_input_kernel(
         grad_out = tl.load(grad_out_ptr + grad_out_pix + o[:, None] * stride_gc,
                            mask=(o[:, None] < C) & p_valid[None, :], other=0.0)
         acc = tl.dot(weight_t, grad_out, acc, input_precision="ieee", out_dtype=ACC)
-    valid = (c[:, None] < C) & p_valid[None, :]
-    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
     tl.store(grad_u_ptr + x_offs, acc, mask=valid)
     d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
     # acc is 0 outside the tile (masked operands), so the product needs no mask
-    tl.store(partial_ptr + (b * tl.num_programs(0) + pid_p) * C + c, tl.sum(acc * _gelu(d), axis=1), mask=c < C)
+    tl.store(partial_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * C + c, tl.sum(acc * _gelu(d), axis=1),
+             mask=c < C)
 
 
 @triton.jit
@@ -267,16 +269,9 @@ def _dwconv_grad_kernel(
     """grad_d = (grad_u * gate + grad_pool) * gelu'(dwconv3x3(x)), stored in x's strides, and
     partial[b * pixel tiles + tile, c, tap] = sum over the tile of grad_d * x shifted by the tap.
     ``grad_pool`` is dL/ds already divided by H*W (the mean's gradient, broadcast over pixels)."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    h = p // W
-    w = p % W
+    b, c, h, w, valid, x_offs = _channel_pixel_tile(C, H, W, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                    BLOCK_C, BLOCK_P)
     c_valid = c < C
-    valid = c_valid[:, None] & (p[None, :] < H * W)
-    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
     d = _dwconv3x3(x_ptr, dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W, stride_xh, stride_xw, ACC)
     grad_u = tl.load(grad_u_ptr + x_offs, mask=valid, other=0.0)
     gate = tl.load(gate_ptr + b * C + c, mask=c_valid, other=0.0)
@@ -284,7 +279,7 @@ def _dwconv_grad_kernel(
     # grad_pool reaches every pixel, so positions outside the tile must be zeroed explicitly
     grad_d = tl.where(valid, (grad_u * gate[:, None] + grad_pool[:, None]) * _gelu_grad(d), 0.0)
     tl.store(grad_d_ptr + x_offs, grad_d, mask=valid)
-    partial_row = (b * tl.num_programs(0) + pid_p) * C + c
+    partial_row = (b * tl.num_programs(0) + tl.program_id(0)) * C + c
     for dh in range(-1, 2):
         row_ok = valid & (h[None, :] + dh >= 0) & (h[None, :] + dh < H)
         row_offs = x_offs + dh * stride_xh
@@ -302,15 +297,8 @@ def _dwconv_transpose_residual_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_x = grad_out + dwconv3x3(grad_d, flipped dw_weight); grad_d and grad_x in x's strides."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    h = p // W
-    w = p % W
-    valid = (c[:, None] < C) & (p[None, :] < H * W)
-    x_offs = b * stride_xb + c[:, None] * stride_xc + (h * stride_xh + w * stride_xw)[None, :]
+    b, c, h, w, valid, x_offs = _channel_pixel_tile(C, H, W, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                    BLOCK_C, BLOCK_P)
     acc = _dwconv3x3(grad_d_ptr, flipped_dw_ptr, x_offs, c[:, None], h[None, :], w[None, :], valid, C, H, W,
                      stride_xh, stride_xw, ACC)
     grad_out_offs = b * stride_gb + c[:, None] * stride_gc + (h * stride_gh + w * stride_gw)[None, :]

@@ -61,6 +61,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _program_coords(num_blocks, NUM_HEADS: tl.constexpr):
+    """(token block, head, window or chunk) of this program. Every program index is on grid x: grid y / z
+    are limited to 65,535."""
+    pid = tl.program_id(0)
+    return pid % num_blocks, (pid // num_blocks) % NUM_HEADS, pid // (num_blocks * NUM_HEADS)
+
+
+@triton.jit
 def _map_offsets(window, tokens, windows_per_image, windows_per_row, stride_b, stride_h, stride_w,
                  WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr):
     """int64 element offsets of `tokens` of `window` in a (B, H, W, *) map (window partition by arithmetic)."""
@@ -120,11 +128,7 @@ def _window_attention_fwd_kernel(
     C: tl.constexpr = NUM_HEADS * HEAD_DIM
     # k is slot 0 of a global block's (k, v) channels, slot 1 of a local block's (q, k, v)
     K_SLOT: tl.constexpr = 0 if GLOBAL_QUERY else 1
-    # every program index on grid x: grid y / z are limited to 65,535
-    pid = tl.program_id(0)
-    q_block = pid % num_q_blocks
-    head = (pid // num_q_blocks) % NUM_HEADS
-    window = pid // (num_q_blocks * NUM_HEADS)
+    q_block, head, window = _program_coords(num_q_blocks, NUM_HEADS)
 
     dims = tl.arange(0, HEAD_DIM)
     q_tokens = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,10 +215,7 @@ def _window_attention_bwd_dkdv_kernel(
     N: tl.constexpr = WINDOW_H * WINDOW_W
     C: tl.constexpr = NUM_HEADS * HEAD_DIM
     K_SLOT: tl.constexpr = 0 if GLOBAL_QUERY else 1
-    pid = tl.program_id(0)
-    k_block = pid % num_k_blocks
-    head = (pid // num_k_blocks) % NUM_HEADS
-    window = pid // (num_k_blocks * NUM_HEADS)
+    k_block, head, window = _program_coords(num_k_blocks, NUM_HEADS)
 
     dims = tl.arange(0, HEAD_DIM)
     k_tokens = k_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -266,10 +267,7 @@ def _window_attention_bwd_dq_dbias_kernel(
     C: tl.constexpr = NUM_HEADS * HEAD_DIM
     K_SLOT: tl.constexpr = 0 if GLOBAL_QUERY else 1
     ONE_KEY_BLOCK: tl.constexpr = BLOCK_N >= N
-    pid = tl.program_id(0)
-    q_block = pid % num_q_blocks
-    head = (pid // num_q_blocks) % NUM_HEADS
-    chunk = pid // (num_q_blocks * NUM_HEADS)
+    q_block, head, chunk = _program_coords(num_q_blocks, NUM_HEADS)
     # chunks split each group (an image, or the windows sharing one global query) and never straddle two
     group = chunk // chunks_per_group
     first_window = group * windows_per_group + (chunk % chunks_per_group) * windows_per_chunk
