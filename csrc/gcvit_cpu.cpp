@@ -193,6 +193,15 @@ at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_
   return bias;
 }
 
+// K^T (d, np) from K's rows (np, d), in 8 x 8 register transposes (rows n .. np-1 of k are zero)
+inline void transpose_keys(const float* k, int64_t np, int64_t d, float* kt) {
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t t = 0; t < np; t += 8) {
+    for (int64_t c = 0; c < d8; c += 8) at::vec::transpose_mxn<float, 8, 8>(k + t * d + c, d, kt + c * np + t, np);
+    if (d8 < d) at::vec::transpose_mxn<float>(k + t * d + d8, d, kt + d8 * np + t, np, 8, static_cast<int>(d - d8));
+  }
+}
+
 // One task = one window and a group of heads [h0, h1) (all heads unless there are too few windows to
 // keep every thread busy). Each token's qkv row is read once, contiguously, for all the task's heads;
 // the next window's rows are prefetched while this one computes. Every (window, head) result is computed
@@ -228,7 +237,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   };
 
   at::parallel_for(0, nw_total * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(hpg * n * d + VL), ktbuf(hpg * d * np, 0.f), vbuf(hpg * n * dp, 0.f), sbuf(n * np),
+    std::vector<float> qbuf(hpg * n * d + VL), kbuf(hpg * np * d, 0.f), ktbuf(hpg * d * np), vbuf(hpg * n * dp, 0.f), sbuf(n * np),
         obuf(n * dp), invbuf(n);
     float* sb = sbuf.data();
     float* ob = obuf.data();
@@ -245,12 +254,11 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t hl = h - h0;
           load_row(qrow + h * d, qbuf.data() + (hl * n + t) * d, d, scale);
-          const T* kp = px + (S - 2) * C + h * d;
-          float* kt = ktbuf.data() + hl * d * np + t;
-          for (int64_t k = 0; k < d; ++k) kt[k * np] = static_cast<float>(kp[k]);
+          load_row(px + (S - 2) * C + h * d, kbuf.data() + (hl * np + t) * d, d, 1.f);
           load_row(px + (S - 1) * C + h * d, vbuf.data() + (hl * n + t) * dp, d, 1.f);
         }
       }
+      for (int64_t hl = 0; hl < h1 - h0; ++hl) transpose_keys(kbuf.data() + hl * np * d, np, d, ktbuf.data() + hl * d * np);
       // prefetch the next task's token rows (a different window) while this one computes
       if (task + 1 < end && (task + 1) / groups != w) {
         const int64_t row_bytes = S * C * static_cast<int64_t>(sizeof(T));
