@@ -75,10 +75,42 @@ inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * stati
 // Window attention
 // ------------------------------------------------------------------------------------------------
 
-// S[i, j0 : j0 + JV*VL] (R rows) = Q[i, :] . Kt[:, j] + bias[i, j]
+// lane-wise max without NaN bookkeeping (a NaN score still reaches the output through its exp and the row sum)
+inline Vec max_lanes(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+// 2^x for x <= 0 (softmax scores in log2 units minus their row maximum). x = n + r with n = round(x), |r| <= 1/2;
+// 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in the exponent bits. Anything below -126,
+// -inf included, gives 2^-126: nothing next to the row maximum's 1, and padded keys meet zero V rows.
+inline Vec exp2_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // maxps returns its 2nd operand for a NaN: kept
+  const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(v, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else
+  return (x * Vec(static_cast<float>(M_LN2))).exp_u20();
+#endif
+}
+
+// S[i, j0 : j0 + JV*VL] (R rows) = Q[i, :] . Kt[:, j] + bias[i, j]; rmax[r] (one vector a row) takes the lane-wise
+// max of the row's scores, so the softmax needs no separate pass for it
 template <int R, int JV>
 inline void qk_block(const float* q, int64_t d, const float* kt, int64_t np, const float* bias, float* s,
-                     int64_t i0, int64_t j0) {
+                     int64_t i0, int64_t j0, Vec* rmax) {
   Vec acc[R][JV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < JV; ++v) acc[r][v] = Vec(0.f);
@@ -94,30 +126,37 @@ inline void qk_block(const float* q, int64_t d, const float* kt, int64_t np, con
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < JV; ++v) {
       const int64_t off = (i0 + r) * np + j0 + v * VL;
-      (acc[r][v] + Vec::loadu(bias + off)).store(s + off);
+      const Vec sv = acc[r][v] + Vec::loadu(bias + off);
+      sv.store(s + off);
+      rmax[r] = max_lanes(rmax[r], sv);
     }
 }
 
 // rows i0 .. i0+R-1 of S, all column vectors; JV = 2 column vectors per block keeps 2R accumulators
 // (R = 6: 12 of the 16 AVX2 registers, the classic 6x16 micro-kernel shape)
 template <int R>
-inline void qk_rows(const float* q, int64_t d, const float* kt, int64_t np, const float* bias, float* s, int64_t i0) {
+inline void qk_rows(const float* q, int64_t d, const float* kt, int64_t np, const float* bias, float* s, int64_t i0,
+                    float* row_max) {
+  Vec rmax[R];
+  for (int r = 0; r < R; ++r) rmax[r] = Vec(-std::numeric_limits<float>::infinity());
   const int64_t nvec = np / VL;
   int64_t v = 0;
-  for (; v + 2 <= nvec; v += 2) qk_block<R, 2>(q, d, kt, np, bias, s, i0, v * VL);
-  if (v < nvec) qk_block<R, 1>(q, d, kt, np, bias, s, i0, v * VL);
+  for (; v + 2 <= nvec; v += 2) qk_block<R, 2>(q, d, kt, np, bias, s, i0, v * VL, rmax);
+  if (v < nvec) qk_block<R, 1>(q, d, kt, np, bias, s, i0, v * VL, rmax);
+  for (int r = 0; r < R; ++r)
+    row_max[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return max_lanes(a, b); }, rmax[r]);
 }
 
-// rows [i, i + rows) of S, rows <= 6
+// rows [i, i + rows) of S and their maxima, rows <= 6
 inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, int64_t np, const float* bias, float* s,
-                     int64_t i) {
+                     int64_t i, float* row_max) {
   switch (rows) {
-    case 6: qk_rows<6>(q, d, kt, np, bias, s, i); break;
-    case 5: qk_rows<5>(q, d, kt, np, bias, s, i); break;
-    case 4: qk_rows<4>(q, d, kt, np, bias, s, i); break;
-    case 3: qk_rows<3>(q, d, kt, np, bias, s, i); break;
-    case 2: qk_rows<2>(q, d, kt, np, bias, s, i); break;
-    case 1: qk_rows<1>(q, d, kt, np, bias, s, i); break;
+    case 6: qk_rows<6>(q, d, kt, np, bias, s, i, row_max); break;
+    case 5: qk_rows<5>(q, d, kt, np, bias, s, i, row_max); break;
+    case 4: qk_rows<4>(q, d, kt, np, bias, s, i, row_max); break;
+    case 3: qk_rows<3>(q, d, kt, np, bias, s, i, row_max); break;
+    case 2: qk_rows<2>(q, d, kt, np, bias, s, i, row_max); break;
+    case 1: qk_rows<1>(q, d, kt, np, bias, s, i, row_max); break;
     default: break;
   }
 }
@@ -166,12 +205,13 @@ inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int6
   }
 }
 
-// bias[h, i, j] (heads, N, Np) from the table ((2wh-1)(2ww-1), heads); -inf in the padding columns.
+// bias[h, i, j] (heads, N, Np) from the table ((2wh-1)(2ww-1), heads), times log2(e) (the softmax runs in log2
+// units); -inf in the padding columns.
 // For a query (yi, xi) and key row yj the table rows of keys xj = 0 .. ww-1 run backwards from
 // (yi - yj + wh - 1) (2ww - 1) + xi + ww - 1, so each run is a reversed slice of the head's table column.
 at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_t ww, int64_t np) {
   const int64_t n = wh * ww, span = 2 * ww - 1;
-  auto tab = table.to(at::kFloat).t().contiguous();  // (heads, rows): one head's table is contiguous
+  auto tab = table.to(at::kFloat).t().mul(M_LOG2E).contiguous();  // (heads, rows): one head's table is contiguous
   auto bias = at::empty({heads, n, np}, tab.options());
   const int64_t rows = tab.size(1);
   const float* tp = tab.data_ptr<float>();
@@ -275,24 +315,22 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         // strips of 6 score rows: scores, softmax and P V while the strip is in L1
         for (int64_t i0 = 0; i0 < n; i0 += 6) {
           const int64_t rows = std::min<int64_t>(6, n - i0);
-          qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0);
-          // softmax rows (unnormalised), keep 1/sum for the output
+          float row_max[6];
+          qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0, row_max);
+          // softmax rows (unnormalised) in log2 units, keep 1/sum for the output
           for (int64_t ii = i0; ii < i0 + rows; ++ii) {
             float* row = sb + ii * np;
-            Vec vmax(-std::numeric_limits<float>::infinity());
-            for (int64_t j = 0; j < np; j += VL) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-            const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+            const float m = row_max[ii - i0];
             const Vec mv(m);
             Vec vsum(0.f);
-            // exp_u20: ATen's polynomial exp (max error ~20 ulp, 0 for the -inf padding), cheaper than Sleef
             for (int64_t j = 0; j < np; j += VL) {
-              Vec e = (Vec::loadu(row + j) - mv).exp_u20();
+              const Vec e = exp2_nonpositive(Vec::loadu(row + j) - mv);
               e.store(row + j);
               vsum = vsum + e;
             }
             const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
             invp[ii] = 1.f / ssum;
-            lsep[(w * heads + h) * n + ii] = m + std::log(ssum);
+            lsep[(w * heads + h) * n + ii] = (m + std::log2(ssum)) * static_cast<float>(M_LN2);
           }
           pv_strip(sb, np, n, vb, dp, ob, i0, rows);
         }
@@ -344,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv, c
   if (qkv.numel() == 0 || T == 0) return {out, lse};
   const int64_t np = round_up(n, VL);
   auto bias = build_bias(table, heads, wh, ww, np);
-  const float sc = static_cast<float>(scale);
+  const float sc = static_cast<float>(scale * M_LOG2E);  // scores in log2 units, like the bias
   if (qkv.scalar_type() == at::kFloat)
     attn_fwd_impl<float>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
   else
@@ -426,7 +464,6 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
   const float* wp = w9t.data_ptr<float>();
   auto rows = at::empty({B, H, C}, x.options().dtype(at::kFloat));
   float* rp = rows.data_ptr<float>();
-  const int64_t Cv = C / VL * VL;
   const int64_t Wp = W + 2;
   if constexpr (std::is_same_v<T, float>) {
     if (Cp == C) {
@@ -525,7 +562,6 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
       std::copy(rsum.begin(), rsum.begin() + C, rp + by * C);
     }
   });
-  (void)Cv;
   sums.copy_(rows.sum(1));
 }
 
@@ -685,6 +721,30 @@ inline float residual_row(float* row, const float* res, const float* bias, const
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum) + tail;
 }
 
+// out = LayerNorm(row) * weight + bias (bias optional), given the row's sum; two-pass moments over the row while
+// it is in L1: the mean, then the mean squared deviation
+inline void layernorm_row(const float* row, float sum, int64_t n, const float* weight, const float* bias, float eps,
+                          float* out) {
+  const float mean = sum / n;
+  const Vec mv(mean);
+  Vec vsq(0.f);
+  float tail_sq = 0.f;
+  int64_t j = 0;
+  for (; j + VL <= n; j += VL) {
+    const Vec dv = Vec::loadu(row + j) - mv;
+    vsq = at::vec::fmadd(dv, dv, vsq);
+  }
+  for (; j < n; ++j) tail_sq += (row[j] - mean) * (row[j] - mean);
+  const float var = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsq) + tail_sq) / n;
+  const float rstd = 1.f / std::sqrt(var + eps);
+  const Vec rv(rstd);
+  for (j = 0; j + VL <= n; j += VL) {
+    const Vec v = (Vec::loadu(row + j) - mv) * rv;
+    at::vec::fmadd(v, Vec::loadu(weight + j), bias ? Vec::loadu(bias + j) : Vec(0.f)).store(out + j);
+  }
+  for (; j < n; ++j) out[j] = (row[j] - mean) * rstd * weight[j] + (bias ? bias[j] : 0.f);
+}
+
 // y = residual + gamma * (x @ W^T + b); with ln_weight: also normed = LayerNorm(y) * ln_weight + ln_bias
 std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at::Tensor& x, const at::Tensor& w,
                                                         const c10::optional<at::Tensor>& bias,
@@ -716,28 +776,7 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at
     for (int64_t r = r0; r < r1; ++r) {
       float* row = yp + r * n;
       const float sum = residual_row(row, rp + r * rs, bp, gp, n);
-      if (!norm) continue;
-      // two-pass moments over the row (still in L1): mean, then the mean squared deviation
-      const float mean = sum / n;
-      int64_t j = 0;
-      const Vec mv(mean);
-      Vec vsq(0.f);
-      float tail_sq = 0.f;
-      for (; j + VL <= n; j += VL) {
-        const Vec dv = Vec::loadu(row + j) - mv;
-        vsq = at::vec::fmadd(dv, dv, vsq);
-      }
-      for (; j < n; ++j) tail_sq += (row[j] - mean) * (row[j] - mean);
-      const float var = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsq) + tail_sq) / n;
-      const float rstd = 1.f / std::sqrt(var + epsf);
-      const Vec rv(rstd);
-      float* out = np_ + r * n;
-      for (j = 0; j + VL <= n; j += VL) {
-        Vec v = (Vec::loadu(row + j) - mv) * rv;
-        v = at::vec::fmadd(v, Vec::loadu(lw + j), lb ? Vec::loadu(lb + j) : Vec(0.f));
-        v.store(out + j);
-      }
-      for (; j < n; ++j) out[j] = (row[j] - mean) * rstd * lw[j] + (lb ? lb[j] : 0.f);
+      if (norm) layernorm_row(row, sum, n, lw, lb, epsf, np_ + r * n);
     }
   });
   return {y, normed};
@@ -758,8 +797,6 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
   return linear_residual_impl("linear_residual_layernorm", x, w, bias, residual, gamma, ln_weight, ln_bias, eps);
 }
 
-// y (rows, n) = x (rows, k) @ W^T, W (n, k), all row-major with the given leading dims; one thread
-// (called inside parallel regions, where MKL runs single-threaded). Column-major BLAS computes y^T = W x^T.
 // Fortran BLAS sgemm, looked up at run time in the libraries torch has loaded (MKL or OpenBLAS export it), so
 // the extension never fails to load over it; without it the MLP takes its two-GEMM path.
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,

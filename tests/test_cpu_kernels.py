@@ -77,6 +77,17 @@ def test_attention_forward_fp32(case, is_global):
     assert torch.equal(out, direct)
 
 
+def test_attention_nan_reaches_the_same_outputs_as_the_reference():
+    # a NaN key poisons every query of its window and head, and nothing else (no silent 0 from the exp's clamp)
+    qkv, table, _, scale = make_attention(2, 14, 14, 64, 2, 7, 7, False)
+    qkv[0, 1, 2, 64 + 3] = float("nan")  # image 0, window (0, 0), key of head 0
+    out, lse = torch.ops.gcvit.window_attention_fwd(qkv, table, None, 2, 7, 7, scale)
+    expected = ref.window_attention(qkv, table, 2, (7, 7), None, scale)
+    assert torch.isnan(expected).any() and torch.equal(torch.isnan(out), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(out[finite], expected[finite], atol=ATOL32, rtol=RTOL32)
+
+
 def test_attention_global_query_flat_layout():
     qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, True, gq_flat=True)
     out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 2, 7, 7, scale)
