@@ -12,7 +12,8 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   inference group.
 * CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
   inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under no_grad) vs
-  Swin-T / ConvNeXt-T eager and compiled.
+  Swin-T / ConvNeXt-T eager and compiled; and the same batch with weights and input in bf16, reference eager vs
+  fused.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
@@ -99,6 +100,8 @@ def current_settings() -> Settings:
     else:
         dtype, rounds, iters, warmup = "fp32", (4 if grid == "full" else 3), 1, 1
         infer_p = train_p = "fp32"
+        if grid == "full":
+            infer_p = "fp32; the bf16 group: weights and input in bf16"
     if grid.startswith("tiny"):
         rounds, iters, warmup = 1, 1, 0
     return Settings(device=device, grid=grid, dtype=dtype, rounds=_env_int("GCVIT_BENCH_ROUNDS", rounds),
@@ -187,6 +190,8 @@ def build_cases(settings: Settings) -> List[Case]:
     if settings.grid == "full":
         cases = _group("tiny", "infer", 8, 224, settings.dtype,
                        EAGER + (("onnxruntime", ""),) + COMPILED + (("reference", "compile-frozen"),), TIMM_ALL)
+        # a bf16 model on this CPU: the fused path computes in fp32 where the CPU has no native bf16
+        cases += _group("tiny", "infer", 8, 224, "bf16", EAGER)
         return sorted(cases, key=lambda c: c.compiled != "")  # eager cases first (stable): cheap before compiles
     return (_group("xxtiny", "infer", 4, 224, settings.dtype, EAGER + COMPILED + CPU_INFER_EXTRA)
             + _group("tiny", "infer", 4, 224, settings.dtype, EAGER + (("onnxruntime", ""),), TIMM_EAGER)

@@ -10,6 +10,11 @@ On the CPU the C++ kernels are forward kernels (their backward is PyTorch math t
 CPU inference is fused, CPU training stays as fast as the reference. ``use_backend("cpu")`` forces the C++
 kernels in training too (used by the tests).
 
+A bf16 or fp16 model in CPU inference on a CPU without native arithmetic for that dtype (no AVX512-BF16 / AMX,
+where ATen emulates it about 10x slower than fp32) runs the fused fp32 path on fp32 copies of its weights and
+rounds the output back (:func:`computes_in_fp32`): the same outputs within the dtype's tolerance, several times
+faster.
+
 ``use_backend("triton")`` forces the Triton kernels also for CPU tensors: with ``TRITON_INTERPRET=1`` they
 then run in Triton's interpreter, which is how the CPU-only CI checks the whole fused model.
 """
@@ -182,6 +187,38 @@ def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch
             return mlp_residual(normed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, x,
                                 getattr(blk.ls2, "gamma", None))
     return blk.forward_per_module(x, global_query)
+
+
+# the torch.cpu probes (private, so looked up defensively) that say a CPU computes the dtype natively
+_NATIVE_HALF_PROBES = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+                       torch.float16: ("_is_avx512_fp16_supported", "_is_amx_fp16_supported")}
+
+
+def _cpu_computes_natively(dtype: torch.dtype) -> bool:
+    for probe in _NATIVE_HALF_PROBES[dtype]:
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except Exception:  # the probe is missing in this torch: count it as "not native"
+            pass
+    return False
+
+
+def computes_in_fp32(model, x: torch.Tensor) -> bool:
+    """Whether a fused model's CPU inference on a bf16/fp16 batch runs in fp32 (see the module docstring)."""
+    if not (model.fused and not model.training and x.device.type == "cpu" and x.dtype in _NATIVE_HALF_PROBES
+            and _forced_backend is None and _autocast_dtype(x.device) is None and not _reference_is_faster(x, model)):
+        return False
+    return all(p.dtype == x.dtype for p in model.parameters()) and not _cpu_computes_natively(x.dtype)
+
+
+def call_in_fp32(model, x: torch.Tensor):
+    """model(x) with fp32 copies of its parameters and buffers and an fp32 x; the output (a tensor or a list of
+    them) rounded back to x's dtype."""
+    state = {name: t.float() if t.is_floating_point() else t
+             for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    out = torch.func.functional_call(model, state, (x.float(),))
+    return [t.to(x.dtype) for t in out] if isinstance(out, list) else out.to(x.dtype)
 
 
 def keeps_channels_last(module, x: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gcvit
 from gcvit import dispatch
@@ -60,19 +61,20 @@ def test_whole_model_cpu_kernels_match_reference(name, kw, batch):
     assert result.ok, result
 
 
+class CountOps(TorchDispatchMode):
+    """The names of the ops that reach the dispatcher inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @needs_cpu_kernels
 def test_cpu_runs_kernels_for_inference_and_reference_for_training():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = _small_model(fused=True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), CountOps() as inference:
@@ -83,6 +85,35 @@ def test_cpu_runs_kernels_for_inference_and_reference_for_training():
                  "gcvit.linear_residual_layernorm")
     assert all(any(op in n for n in inference.names) for op in fused_ops)
     assert not any(op in n for n in training.names for op in fused_ops)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_half_precision_inference_computes_in_fp32(monkeypatch, dtype):
+    """A bf16/fp16 fused model on a CPU without native arithmetic for it runs the fp32 kernels (the fp32-only
+    fused block ops show it) and returns its own dtype, no further from the fp32 truth than the half-precision
+    reference; on a CPU that computes the dtype natively it stays in that dtype."""
+    model = _small_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        truth = model(x)
+        model.to(dtype)
+        reference = model(x.to(dtype))
+        gcvit.fuse(model)
+        got = {}
+        for native in (False, True):
+            monkeypatch.setattr(dispatch, "_cpu_computes_natively", lambda _dtype, native=native: native)
+            with CountOps() as ops:
+                got[native] = (model(x.to(dtype)), ops.names)
+        model.as_feature_pyramid()
+        monkeypatch.setattr(dispatch, "_cpu_computes_natively", lambda _dtype: False)
+        pyramid = model(x.to(dtype))
+    (in_fp32, ops_fp32), (native_out, ops_native) = got[False], got[True]
+    assert in_fp32.dtype == native_out.dtype == dtype and all(f.dtype == dtype for f in pyramid)
+    assert any("gcvit.mlp_residual" in n for n in ops_fp32)
+    assert not any("gcvit.mlp_residual" in n for n in ops_native)
+    torch.testing.assert_close(in_fp32.float(), reference.float(), atol=5e-2, rtol=5e-2)
+    assert (in_fp32.float() - truth).abs().max() <= (reference.float() - truth).abs().max()
 
 
 @needs_cpu_kernels
