@@ -11,14 +11,15 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   compiled modes and ONNX Runtime for xxtiny (ONNX Runtime also for tiny), Swin-T/ConvNeXt-T eager in the tiny
   inference group.
 * CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
-  inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under no_grad) vs
-  Swin-T / ConvNeXt-T eager and compiled; and the same batch with weights and input in bf16, reference eager vs
-  fused.
+  inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under
+  no_grad) vs Swin-T / ConvNeXt-T eager and compiled; ``gemm-floor``, the model's Linear and dense Conv2d layers
+  alone on their recorded inputs (the GEMM time both paths share: its speed-up is the ceiling for fusing the
+  rest); and the same batch with weights and input in bf16, reference eager vs fused.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
 * ``GCVIT_BENCH_TINY=1``: xxtiny at 64x64 with 2x2 windows, batch 1, one round: reference and fused, inference
-  and training, plus Swin-T eager (the CI smoke test, tests/test_benchmark_smoke.py); ``GCVIT_BENCH_TINY=all``:
+  and training, plus the GEMM floor and Swin-T eager (the CI smoke test, tests/test_benchmark_smoke.py); ``GCVIT_BENCH_TINY=all``:
   the compiled modes and ONNX Runtime too at that shape (the smoke test marked slow).
 
 Interleaving (the machines are noisy): every non-reference case runs its timed rounds alternately with rounds of
@@ -177,7 +178,8 @@ def build_cases(settings: Settings) -> List[Case]:
                        window_size=2)
                 + _group("xxtiny", "train", 1, 64, settings.dtype, COMPILED, window_size=2))
     if settings.grid == "tiny":
-        return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER, ((SWIN, ""),), window_size=2)
+        return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER + (("gemm-floor", ""),), ((SWIN, ""),),
+                       window_size=2)
                 + _group("xxtiny", "train", 1, 64, settings.dtype, EAGER, window_size=2))
     if settings.device == "cuda":
         cases = []
@@ -189,7 +191,8 @@ def build_cases(settings: Settings) -> List[Case]:
         return cases
     if settings.grid == "full":
         cases = _group("tiny", "infer", 8, 224, settings.dtype,
-                       EAGER + (("onnxruntime", ""),) + COMPILED + (("reference", "compile-frozen"),), TIMM_ALL)
+                       EAGER + (("onnxruntime", ""), ("gemm-floor", "")) + COMPILED + (("reference", "compile-frozen"),),
+                       TIMM_ALL)
         # a bf16 model on this CPU: the fused path computes in fp32 where the CPU has no native bf16
         cases += _group("tiny", "infer", 8, 224, "bf16", EAGER)
         return sorted(cases, key=lambda c: c.compiled != "")  # eager cases first (stable): cheap before compiles
@@ -346,6 +349,36 @@ def _onnx_runner(case: Case, device: torch.device, settings: Settings) -> Runner
     return Runner(step, first, time.perf_counter() - t0 - first, info, keep=(session, feed, path))
 
 
+def _gemm_floor_runner(case: Case, device: torch.device) -> Runner:
+    """Every Linear and dense Conv2d of the reference model, run alone on the input it got in one forward: the
+    GEMM time the reference and the fused path share (MKL/oneDNN either way), so its speed-up over the
+    reference bounds what fusing everything else could give."""
+    if case.task != "infer":
+        raise Skip("the GEMM floor is an inference measure")
+    t0 = time.perf_counter()
+    model = build_module(case, device, fused=False).eval()
+    param_dtype, _ = _torch_dtypes(case)
+    x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device, dtype=param_dtype)
+    calls = []
+    hooks = [m.register_forward_hook(lambda module, args, out: calls.append((module, args[0])))
+             for m in model.modules()
+             if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
+    with torch.inference_mode():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+
+    def step():
+        with torch.inference_mode():
+            for module, inputs in calls:
+                module(inputs)
+
+    prepare = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    step()
+    return Runner(step, time.perf_counter() - t1, prepare, {"gemm_floor_calls": len(calls)}, keep=(model, calls))
+
+
 def _dynamo_counts() -> Dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -357,6 +390,8 @@ def make_runner(case: Case, device: torch.device, settings: Settings) -> Runner:
     """Build the model of ``case``, its step closure, and run the first call (compilation, kernel builds)."""
     if case.impl == "onnxruntime":
         return _onnx_runner(case, device, settings)
+    if case.impl == "gemm-floor":
+        return _gemm_floor_runner(case, device)
     t0 = time.perf_counter()
     model = build_module(case, device)
     param_dtype, amp = _torch_dtypes(case)

@@ -16,9 +16,10 @@ otherwise, so a cache shared between machines never runs instructions a CPU lack
 Ops given CPU kernels here (schemas defined by the Triton op modules):
 
 * ``gcvit::window_attention_fwd`` -- C++ (fp32, bf16; other dtypes: PyTorch math).
-  Per (window, head) task: Q (scaled), K^T, V packed from the qkv map into a per-thread fp32 tile,
-  register-blocked Q K^T + relative-position bias (gathered in-kernel into a (heads, N, N) table),
-  softmax, P V, written straight into the (B, H, W, C) output; lse saved for the backward.
+  Per (window, head) task: Q (scaled), K^T (8x8 register transposes), V packed from the qkv map into a
+  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered in-kernel into a
+  (heads, N, N) table) with the row maxima taken in its epilogue, softmax in log2 units (a degree-6 exp2),
+  P V, written straight into the (B, H, W, C) output; lse saved for the backward.
 * ``gcvit::window_attention_bwd`` -- PyTorch math from the saved lse (flash-attention style
   recompute of P, one batched pass; deterministic).
 * ``gcvit::fused_mbconv_fwd`` -- C++ depthwise 3x3 + exact GELU + SE pool partial sums in one pass
