@@ -21,7 +21,9 @@ then run in Triton's interpreter, which is how the CPU-only CI checks the whole 
 import contextlib
 import importlib
 import os
+import threading
 import warnings
+import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -212,12 +214,21 @@ def computes_in_fp32(model, x: torch.Tensor) -> bool:
     return all(p.dtype == x.dtype for p in model.parameters()) and not _cpu_computes_natively(x.dtype)
 
 
+# functional_call swaps a model's tensors for the call: concurrent calls on one model take turns, else one call
+# could restore the other's fp32 copies as the model's parameters
+_fp32_call_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_fp32_call_locks_guard = threading.Lock()
+
+
 def call_in_fp32(model, x: torch.Tensor):
     """model(x) with fp32 copies of its parameters and buffers and an fp32 x; the output (a tensor or a list of
-    them) rounded back to x's dtype."""
-    state = {name: t.float() if t.is_floating_point() else t
-             for name, t in list(model.named_parameters()) + list(model.named_buffers())}
-    out = torch.func.functional_call(model, state, (x.float(),))
+    them) rounded back to x's dtype. Concurrent calls on the same model are serialised."""
+    with _fp32_call_locks_guard:
+        lock = _fp32_call_locks.setdefault(model, threading.Lock())
+    with lock:
+        state = {name: t.float() if t.is_floating_point() else t
+                 for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+        out = torch.func.functional_call(model, state, (x.float(),))
     return [t.to(x.dtype) for t in out] if isinstance(out, list) else out.to(x.dtype)
 
 

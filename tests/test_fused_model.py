@@ -2,6 +2,7 @@
 import copy
 import os
 import socket
+import threading
 import warnings
 
 import pytest
@@ -114,6 +115,34 @@ def test_cpu_half_precision_inference_computes_in_fp32(monkeypatch, dtype):
     assert not any("gcvit.mlp_residual" in n for n in ops_native)
     torch.testing.assert_close(in_fp32.float(), reference.float(), atol=5e-2, rtol=5e-2)
     assert (in_fp32.float() - truth).abs().max() <= (reference.float() - truth).abs().max()
+
+
+@needs_cpu_kernels
+def test_cpu_half_precision_concurrent_calls_leave_the_model_intact(monkeypatch):
+    """The fp32 path swaps the model's tensors for each call; threads sharing one model must neither fail nor
+    leave fp32 copies behind as its parameters (without the per-model lock this fails every time)."""
+    monkeypatch.setattr(dispatch, "_cpu_computes_natively", lambda _dtype: False)
+    model = _small_model(fused=True).eval().bfloat16()
+    x = torch.randn(2, 3, 64, 64).bfloat16()
+    with torch.inference_mode():
+        expected = model(x)
+    errors = []
+
+    def worker():
+        try:
+            with torch.inference_mode():
+                for _ in range(5):
+                    assert torch.equal(model(x), expected)
+        except Exception as exc:  # reported below, with the model's state
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 @needs_cpu_kernels
