@@ -639,6 +639,7 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
 //   linear_residual:            y = residual + gamma * (y + b)
 //   linear_residual_layernorm:  the same, and normed = LayerNorm(y) from the row still in L1
 //   mlp_residual:               linear_gelu then linear_residual, in L2-sized row blocks where it pays
+// and layer_norm, the same row normalisation for the norms no GEMM precedes (one read, one write per row)
 // (gamma is a LayerScale, optional). Each row is owned by one task: deterministic for any thread count.
 // ------------------------------------------------------------------------------------------------
 
@@ -782,6 +783,32 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at
   return {y, normed};
 }
 
+// out (m, n) = LayerNorm over the rows of x (m, n; unit column stride, any row stride) * weight + bias
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "gcvit cpu layer_norm: x must be a float32 CPU (M, N) tensor with unit column stride, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t m = x.size(0), n = x.size(1);
+  check_vector("layer_norm", "weight", weight, n);
+  check_vector("layer_norm", "bias", bias, n);
+  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor wk, bk;
+  const float* wp = opt_ptr(weight, wk);
+  const float* bp = opt_ptr(bias, bk);
+  const float* xp = x.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  float* op = out.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  for_rows(m, n, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + r * xs;
+      layernorm_row(row, at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, row, n), n, wp, bp, epsf,
+                    op + r * n);
+    }
+  });
+  return out;
+}
+
 at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& residual, const c10::optional<at::Tensor>& gamma) {
   return std::get<0>(linear_residual_impl("linear_residual", x, w, bias, residual, gamma, c10::nullopt, c10::nullopt,
@@ -910,6 +937,7 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("mlp_residual", &mlp_residual);
   m.def("has_blas", []() { return blas_sgemm() != nullptr; });
   m.def("linear_residual_layernorm", &linear_residual_layernorm);
+  m.def("layer_norm", &layer_norm);
   m.def("capability", &capability);
   m.def("vec_size", &vec_size);
 }

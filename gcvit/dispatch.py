@@ -27,6 +27,7 @@ import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import functional as ref
 
@@ -74,7 +75,7 @@ class Fused(NamedTuple):
 
 
 _OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"),
-        ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"))
+        ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"), ("cpu", "layer_norm"))
 # (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
 # torch.compile traces only a dict lookup, never an import or a C++ build.
 _resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
@@ -165,6 +166,28 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
     return attn.proj_drop(attn.proj(out))
 
 
+def _cpu_fp32_inference(module, x: torch.Tensor) -> bool:
+    """Whether a fused module's call takes the CPU fp32 inference kernels (the block-level C++ ops, which have no
+    backward of their own): CPU, fp32, eval mode, no autocast, not forced to Triton, nothing to differentiate."""
+    return (module.fused and not module.training and x.device.type == "cpu" and x.dtype == torch.float32
+            and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, module))
+
+
+def _layer_norm_rows(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    op = _backend("cpu", "layer_norm", x.device).op
+    if op is not None and norm.weight is not None:
+        return op(x, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def layer_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` (a LayerNorm with a ``fused`` flag) over the last dim of x: the C++ row kernel in CPU fp32 inference
+    with ``fused``, ``F.layer_norm`` everywhere else."""
+    if _cpu_fp32_inference(norm, x):
+        return _layer_norm_rows(norm, x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch.Tensor:
     """One GC ViT block on a (B, H, W, C) map.
 
@@ -173,16 +196,15 @@ def transformer_block(blk, x: torch.Tensor, global_query: torch.Tensor) -> torch
     with GELU, layer scale and residual as one op (row blocks kept in L2 where the weights are small).
     Everywhere else (training, other devices, dtypes, autocast): the block's modules one by one, each
     dispatching on its own."""
-    inference = not blk.training and not blk.attn.training  # so no attention dropout
-    if (blk.fused and inference and x.device.type == "cpu" and x.dtype == torch.float32
-            and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, blk)):
+    if _cpu_fp32_inference(blk, x) and not blk.attn.training:  # so no attention dropout
         ops = [_backend(module, op, x.device).op for module, op in (
             ("window_attention", "window_attention"), ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"))]
         if all(op is not None for op in ops):
             _, linear_residual_layernorm, mlp_residual = ops
             attn, mlp = blk.attn, blk.mlp
             # never None here: the attention kernel exists and there is no attention dropout
-            out = _attention_before_projection(attn, blk.norm1(x), global_query if attn.use_global else None)
+            out = _attention_before_projection(attn, _layer_norm_rows(blk.norm1, x),
+                                               global_query if attn.use_global else None)
             x, normed = linear_residual_layernorm(out, attn.proj.weight, attn.proj.bias, x,
                                                   getattr(blk.ls1, "gamma", None), blk.norm2.weight,
                                                   blk.norm2.bias, blk.norm2.eps)

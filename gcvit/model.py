@@ -18,7 +18,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import dispatch
 from . import functional as ref
@@ -38,9 +37,12 @@ def conv_out(size: int) -> int:
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW tensor."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return dispatch.layer_norm(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class DropPath(nn.Module):
@@ -355,7 +357,7 @@ class GlobalContextVit(nn.Module):
         MLP, and on the CPU the fused block ends and channels-last maps."""
         for m in self.modules():
             if isinstance(m, (WindowAttentionGlobal, MbConvBlock, Mlp, GlobalContextVitBlock, GlobalContextVitStage,
-                              Stem)):
+                              Stem, LayerNorm2d)):
                 m.fused = bool(fused)
         self.fused = bool(fused)
         if fused:

@@ -405,6 +405,23 @@ def test_linear_residual_layernorm_forward(shape, n, bias, gamma):
     torch.testing.assert_close(normed, F.layer_norm(y_expected, (n,), ln_weight, ln_bias), atol=ATOL32, rtol=RTOL32)
 
 
+# the row stride of the strided case is larger than C; the channels-last case is a permuted (B, H, W, C) view
+@pytest.mark.parametrize("case", ["4d_odd", "2d_nobias", "c512", "strided_rows", "channels_last_view"])
+def test_layer_norm_forward(case):
+    if case == "strided_rows":
+        x = torch.randn(37, 70)[:, :64]
+    elif case == "channels_last_view":
+        x = torch.randn(2, 24, 5, 6).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    else:
+        x = torch.randn(*{"4d_odd": (3, 5, 7, 20), "2d_nobias": (37, 64), "c512": (2, 49, 512)}[case])
+    n = x.shape[-1]
+    weight, bias = torch.randn(n), (None if case == "2d_nobias" else torch.randn(n))
+    with torch.inference_mode():
+        y = cpu.layer_norm(x, weight, bias, 1e-5)
+    assert y.shape == x.shape and y.is_contiguous()
+    torch.testing.assert_close(y, F.layer_norm(x, (n,), weight, bias, 1e-5), atol=ATOL32, rtol=RTOL32)
+
+
 def _mlp_inputs(shape, hidden, bias=True, gamma=True):
     c = shape[-1]
     return (torch.randn(*shape), torch.randn(hidden, c) * c ** -0.5, _vector(hidden, bias),
@@ -437,7 +454,8 @@ def test_fused_block_ops_thread_count_invariance():
         for threads in (1, 2):
             with num_threads(threads):
                 results.append((cpu.mlp_residual(x, w1, b1, w2, b2, residual, g),
-                                *cpu.linear_residual_layernorm(x, w2[:, :64].contiguous(), b2, residual, g, *ln)))
+                                *cpu.linear_residual_layernorm(x, w2[:, :64].contiguous(), b2, residual, g, *ln),
+                                cpu.layer_norm(x, *ln)))
     assert all(torch.equal(a, c) for a, c in zip(*results))
 
 
@@ -450,9 +468,23 @@ def test_fused_block_ops_autograd_and_other_dtypes():
     ln = [torch.randn(8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     assert torch.autograd.gradcheck(lambda *a: cpu.linear_residual_layernorm(*a), (x, w, b, residual, g, *ln),
                                     fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: cpu.layer_norm(*a), (x, *ln), fast_mode=True)
     bf16 = [None if t is None else t.bfloat16() for t in _mlp_inputs((5, 16), 32)]
     with torch.inference_mode():
         torch.testing.assert_close(cpu.mlp_residual(*bf16), _mlp_expected(*bf16))
+
+
+def test_cpu_only_ops_opcheck():
+    """Schemas and fake kernels (what torch.compile traces) of the CPU-only inference ops."""
+    x, w1, b1, w2, b2, residual, g = _mlp_inputs((2, 5, 8), 16)
+    ln_weight, ln_bias = torch.randn(8), torch.randn(8)
+    checks = [(torch.ops.gcvit.linear_gelu, (x, w1, b1)),
+              (torch.ops.gcvit.mlp_residual, (x, w1, b1, w2, b2, residual, g)),
+              (torch.ops.gcvit.linear_residual_layernorm, (x, w2[:, :8].contiguous(), b2, residual, g, ln_weight,
+                                                           ln_bias, 1e-5)),
+              (torch.ops.gcvit.layer_norm, (x, ln_weight, ln_bias, 1e-5))]
+    for op, args in checks:
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fused_block_ops_bad_inputs_raise():
@@ -469,5 +501,13 @@ def test_fused_block_ops_bad_inputs_raise():
         cpu.mlp_residual(x, w1, b1.to("meta"), w2, b2, residual)
     with pytest.raises(ValueError, match="ln_weight"):
         cpu.linear_residual_layernorm(x, w2[:, :8], b2, residual, None, torch.randn(3), None)
+    with pytest.raises(ValueError, match="weight must be"):
+        cpu.layer_norm(x, torch.randn(5))
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        cpu.layer_norm(torch.randn(4, 0), torch.randn(0))
     with pytest.raises(RuntimeError, match="float32"):  # the C++ ops check too, never crash
         EXT.mlp_residual(x.double(), w1.double(), None, w2.double(), None, residual.double(), None)
+    with pytest.raises(RuntimeError, match="float32"):
+        EXT.layer_norm(x.double(), torch.randn(8), None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        EXT.layer_norm(x, torch.randn(5), None, 1e-5)
