@@ -166,11 +166,15 @@ def window_attention(attn, x: torch.Tensor, global_query: Optional[torch.Tensor]
     return attn.proj_drop(attn.proj(out))
 
 
+def _fused_cpu_inference(module, x: torch.Tensor) -> bool:
+    """A fused module's CPU call in eval mode with nothing to differentiate, no autocast, not forced to Triton."""
+    return (module.fused and not module.training and x.device.type == "cpu" and _forced_backend != "triton"
+            and _autocast_dtype(x.device) is None and not _reference_is_faster(x, module))
+
+
 def _cpu_fp32_inference(module, x: torch.Tensor) -> bool:
-    """Whether a fused module's call takes the CPU fp32 inference kernels (the block-level C++ ops, which have no
-    backward of their own): CPU, fp32, eval mode, no autocast, not forced to Triton, nothing to differentiate."""
-    return (module.fused and not module.training and x.device.type == "cpu" and x.dtype == torch.float32
-            and _forced_backend != "triton" and _autocast_dtype(x.device) is None and not _reference_is_faster(x, module))
+    """Whether a call takes the CPU fp32 inference kernels (the block-level C++ ops, which have no backward)."""
+    return x.dtype == torch.float32 and _fused_cpu_inference(module, x)
 
 
 def _layer_norm_rows(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -230,8 +234,7 @@ def _cpu_computes_natively(dtype: torch.dtype) -> bool:
 
 def computes_in_fp32(model, x: torch.Tensor) -> bool:
     """Whether a fused model's CPU inference on a bf16/fp16 batch runs in fp32 (see the module docstring)."""
-    if not (model.fused and not model.training and x.device.type == "cpu" and x.dtype in _NATIVE_HALF_PROBES
-            and _forced_backend is None and _autocast_dtype(x.device) is None and not _reference_is_faster(x, model)):
+    if not (x.dtype in _NATIVE_HALF_PROBES and _fused_cpu_inference(model, x)):
         return False
     return all(p.dtype == x.dtype for p in model.parameters()) and not _cpu_computes_natively(x.dtype)
 
