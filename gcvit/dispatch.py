@@ -234,8 +234,8 @@ def _cpu_computes_natively(dtype: torch.dtype) -> bool:
 
 def computes_in_fp32(model, x: torch.Tensor) -> bool:
     """Whether a fused model's CPU inference on a bf16/fp16 batch runs in fp32 (see the module docstring)."""
-    if not (x.dtype in _NATIVE_HALF_PROBES and _fused_cpu_inference(model, x)):
-        return False
+    if not (isinstance(x, torch.Tensor) and x.dtype in _NATIVE_HALF_PROBES and _fused_cpu_inference(model, x)):
+        return False  # (a non-tensor goes on to the model's input check and its clear error)
     return all(p.dtype == x.dtype for p in model.parameters()) and not _cpu_computes_natively(x.dtype)
 
 

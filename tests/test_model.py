@@ -119,8 +119,9 @@ def test_untileable_sizes_raise(kwargs, match):
     (torch.randn(1, 3, 256, 256), ValueError, "built for 224x224"),
     ("not a tensor", TypeError, "torch.Tensor"),
 ])
-def test_bad_input_raises_clear_error(x, error, match):
-    model = _meta_model("xxtiny")
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_bad_input_raises_clear_error(x, error, match, fused):
+    model = _meta_model("xxtiny").set_fused(fused)
     if isinstance(x, torch.Tensor):
         x = x.to("meta")
     with pytest.raises(error, match=match):
