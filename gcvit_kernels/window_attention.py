@@ -21,11 +21,12 @@ What is fused: window partition / reverse (index arithmetic on the map; no copie
 bias (its index computed in the kernel; no index tensor, no (heads, N, N) bias in memory), the global query
 broadcast, scaling, softmax (online, flash style, in exp2) and both matmuls. Accumulation is fp32 for
 fp16 / bf16 / fp32 inputs (fp32 dots use 3xTF32 on tensor cores, which keeps fp32 accuracy); fp64 inputs,
-used only for gradcheck under the interpreter, accumulate in fp64.
+used only for gradcheck under the interpreter, accumulate in fp64. There is no fp32 backward at head_dim 128
+(no tile compiles without spilling; see ``_BACKWARD_DKDV_TILES``).
 
 Tiling: one program per (window, head, block of BLOCK_M queries), looping over keys in BLOCK_N blocks with
 the online softmax; the last blocks of windows whose N is not a multiple of the block (49, 144, 196, 576,
-10x6, ...) are masked. Blocks are small (64 x 64 at most, see ``forward_config``): a whole 144..256-token
+10x6, ...) are masked. Blocks are small (64 x 64 at most, see ``_FORWARD_TILES``): a whole 144..256-token
 window per program spilled registers in the sm_90 compile, the bias gather being the big consumer.
 
 Backward (P recomputed from the saved lse, flash-attention 2 style), three launches, no atomics, so every
@@ -405,6 +406,11 @@ def _input_problem(qkv, rel_pos_bias_table, num_heads, window_size, global_query
     head_dim = channels // num_heads
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return ValueError, f"head_dim {head_dim} not supported; expected a power of two in 16..128"
+    if (qkv.device.type == "cuda" or _interpreted()) and not has_backward_tiles(qkv.dtype, head_dim) \
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (qkv, rel_pos_bias_table, global_query)):
+        return ValueError, (f"no Triton backward for {qkv.dtype} at head_dim {head_dim} (its kernels spill "
+                            f"registers with every tile); use fp16 / bf16, head_dim <= 64, or no gradients")
     table_rows = (2 * window_h - 1) * (2 * window_w - 1)
     if tuple(rel_pos_bias_table.shape) != (table_rows, num_heads):
         return ValueError, (f"rel_pos_bias_table must be ({table_rows}, {num_heads}) for a {window_h}x{window_w} "
@@ -470,34 +476,73 @@ def _fit(block: int, tokens: int) -> int:
     return max(16, min(block, triton.next_power_of_2(tokens)))
 
 
-def _launch(block_m: int, block_n: int, num_warps: int, tokens: int) -> dict:
-    return dict(BLOCK_M=_fit(block_m, tokens), BLOCK_N=_fit(block_n, tokens), num_warps=num_warps, num_stages=2)
+def _launch(tile: Tuple[int, int, int, int], tokens: int) -> dict:
+    block_m, block_n, num_warps, num_stages = tile
+    return dict(BLOCK_M=_fit(block_m, tokens), BLOCK_N=_fit(block_n, tokens), num_warps=num_warps,
+                num_stages=num_stages)
 
 
-# Block shapes were chosen by compiling for sm_80 and sm_90 without a GPU (tests/triton_aot.py) and keeping
-# tiles that ptxas fits in 255 registers without spilling for every GC ViT window (head_dim 32, fp16): the
-# in-kernel bias gather, the int64 map addressing and fp32's 3xTF32 dots are register hungry, so the tiles are
-# small. Not yet timed on a GPU: a tuning pass there may well pick others.
+def _tile_class(dtype) -> str:
+    """fp16 / bf16 share tiles; fp32's 3xTF32 dots need smaller ones (fp64 only runs in the interpreter)."""
+    return "fp32" if dtype in (torch.float32, torch.float64) else "half"
+
+
+# Launch tiles by (dtype class, head_dim), chosen without a GPU by compiling for sm_80 and sm_90
+# (tests/triton_aot.py; the slow test in tests/test_window_attention.py compiles every window 7x7..32x32 and
+# 10x6, local and global): the largest tile (sides 16 to 64; 2, 4 or 8 warps; 1 or 2 pipeline stages) that
+# ptxas fits in the registers for all of them without spilling. The in-kernel bias gather, the int64 map
+# addressing and fp32's 3xTF32 dots (each operand split into two tf32 halves) are register hungry, so tiles
+# shrink as head_dim grows and more warps share one. Not yet timed on a GPU: a tuning pass there may pick others.
+# fp32 at head_dim 128 has no backward tiles: both backward kernels spilled with every tile tried, with 3xTF32
+# dots (16 x 16 with 1 to 16 warps included: their two 16 x 128 dot operands, q and dO, in two tf32 halves each,
+# need about 256 registers per thread) and with exact FMA dots (16 x 16, 16 x 32, 32 x 16; 4 or 8 warps).
+# ``_input_problem`` turns such gradients away (the model then runs the reference). No GC ViT variant has
+# head_dim 128 (all have 32), and fp16 / bf16 at head_dim 128 are clean.
+_FORWARD_TILES = {  # queries per program (BLOCK_M) x keys per online-softmax step (BLOCK_N)
+    ("half", 16): (32, 64, 4, 2), ("half", 32): (32, 64, 4, 2),
+    ("half", 64): (64, 32, 8, 2), ("half", 128): (32, 32, 8, 2),
+    ("fp32", 16): (64, 32, 8, 2), ("fp32", 32): (64, 32, 8, 2),
+    ("fp32", 64): (32, 32, 8, 2), ("fp32", 128): (16, 32, 8, 2),
+}
+_BACKWARD_DKDV_TILES = {  # queries per step (BLOCK_M) x keys per program (BLOCK_N)
+    ("half", 16): (32, 32, 8, 2), ("half", 32): (32, 32, 8, 2),
+    ("half", 64): (32, 32, 8, 2), ("half", 128): (32, 16, 8, 1),
+    ("fp32", 16): (16, 16, 4, 2), ("fp32", 32): (32, 16, 4, 2),
+    ("fp32", 64): (16, 32, 8, 2),
+}
+# queries per program (BLOCK_M) x keys per step (BLOCK_N), as (windows of up to 64 tokens, bigger windows):
+# with BLOCK_N 64 a small window is one key block and its bias-gradient tile stays in registers. fp16 / bf16 at
+# head_dim 32 keep GC ViT's 16 x 64 tile for 7x7 windows, with 8 warps and 1 stage (4 warps spilled for 10x6).
+_BACKWARD_DQ_DBIAS_TILES = {
+    ("half", 16): ((16, 64, 4, 2), (32, 32, 8, 2)), ("half", 32): ((16, 64, 8, 1), (32, 32, 8, 2)),
+    ("half", 64): ((16, 64, 4, 2), (32, 32, 8, 2)), ("half", 128): ((16, 64, 8, 1), (16, 32, 8, 2)),
+    ("fp32", 16): ((64, 16, 8, 2), (64, 16, 8, 2)), ("fp32", 32): ((16, 64, 8, 2), (16, 64, 8, 2)),
+    ("fp32", 64): ((16, 32, 8, 1), (16, 32, 8, 2)),
+}
+# the window size up to which _BACKWARD_DQ_DBIAS_TILES' first column applies
+_SMALL_WINDOW_TOKENS = 64
+
+
+def has_backward_tiles(dtype, head_dim: int) -> bool:
+    return (_tile_class(dtype), head_dim) in _BACKWARD_DKDV_TILES
+
+
 def forward_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
     """Queries per program (BLOCK_M), keys per online-softmax step (BLOCK_N)."""
-    if dtype in (torch.float32, torch.float64):
-        return _launch(64, 32, 8, tokens)
-    return _launch(32, 64, 4, tokens)
+    return _launch(_FORWARD_TILES[_tile_class(dtype), head_dim], tokens)
 
 
 def backward_dkdv_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
     """Queries per step (BLOCK_M), keys per program (BLOCK_N)."""
-    if dtype in (torch.float32, torch.float64):
-        return _launch(16, 16, 4, tokens)
-    return _launch(32, 32, 8, tokens)
+    return _launch(_BACKWARD_DKDV_TILES[_tile_class(dtype), head_dim], tokens)
 
 
 def backward_dq_dbias_config(tokens: int, head_dim: int, dtype=torch.float16) -> dict:
-    """Queries per program (BLOCK_M), keys per step (BLOCK_N). Up to 64 tokens one key block holds the window
-    and the bias-gradient tile stays in registers over the chunk; bigger windows use the scratch instead."""
-    if dtype in (torch.float32, torch.float64):
-        return _launch(16, 32, 4, tokens)  # 16 x 64 spilled in fp32 (3xTF32 dots)
-    return _launch(16, 64, 4, tokens) if tokens <= 64 else _launch(32, 32, 8, tokens)
+    """Queries per program (BLOCK_M), keys per step (BLOCK_N). When one key block holds the window
+    (BLOCK_N >= tokens) the bias-gradient tile stays in registers over the chunk; otherwise the kernel
+    accumulates it in the scratch."""
+    small_window_tile, big_window_tile = _BACKWARD_DQ_DBIAS_TILES[_tile_class(dtype), head_dim]
+    return _launch(small_window_tile if tokens <= _SMALL_WINDOW_TOKENS else big_window_tile, tokens)
 
 
 # The interpreter has no registers to run out of and costs per program step, so it takes the biggest tiles

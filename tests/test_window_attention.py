@@ -189,6 +189,21 @@ def test_bad_inputs_raise_before_launch(changes, error, match):
         assert reason is not None and reason.strip()
 
 
+def test_fp32_head_dim_128_runs_forward_only():
+    """No fp32 backward tile at head_dim 128 compiles without spilling: gradients are turned away up front,
+    the forward still runs."""
+    qkv, table, _ = make_inputs(1, 7, 7, (7, 7), 1, 128, False)
+    with torch.no_grad():
+        torch.testing.assert_close(wa.window_attention_triton(qkv, table, 1, (7, 7)),
+                                   ref.window_attention(qkv, table, 1, (7, 7)), atol=2e-5, rtol=0)
+    assert wa.unsupported_reason(qkv, table, 1, 7) is None
+    table.requires_grad_()
+    assert "no Triton backward" in wa.unsupported_reason(qkv, table, 1, 7)
+    with pytest.raises(ValueError, match="no Triton backward for torch.float32 at head_dim 128"):
+        wa.window_attention_triton(qkv, table, 1, 7)
+    assert wa.has_backward_tiles(torch.float16, 128) and wa.has_backward_tiles(torch.float32, 64)
+
+
 def test_unsupported_reason_accepts_valid_inputs():
     for is_global in (False, True):
         qkv, table, global_query = make_inputs(1, 14, 14, (7, 7), 2, 32, is_global)
@@ -222,23 +237,26 @@ def aot_jobs(window, head_dim, dtype, is_global, num_heads=4):
     tokens = wh * ww
     common = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WINDOW_H=wh, WINDOW_W=ww, GLOBAL_QUERY=is_global,
                   ACC_DTYPE=tl.float32, INPUT_PRECISION=wa._input_precision(dtype))
+    launches = [(wa._window_attention_fwd_kernel, wa.forward_config(tokens, head_dim, dtype))]
+    if wa.has_backward_tiles(dtype, head_dim):  # else the input check turns gradients away
+        launches += [(wa._window_attention_bwd_dkdv_kernel, wa.backward_dkdv_config(tokens, head_dim, dtype)),
+                     (wa._window_attention_bwd_dq_dbias_kernel, wa.backward_dq_dbias_config(tokens, head_dim, dtype)),
+                     (wa._rel_pos_bias_grad_gather_kernel, wa.gather_config(tokens))]
     jobs = []
-    for kernel, config in ((wa._window_attention_fwd_kernel, wa.forward_config(tokens, head_dim, dtype)),
-                           (wa._window_attention_bwd_dkdv_kernel, wa.backward_dkdv_config(tokens, head_dim, dtype)),
-                           (wa._window_attention_bwd_dq_dbias_kernel,
-                            wa.backward_dq_dbias_config(tokens, head_dim, dtype)),
-                           (wa._rel_pos_bias_grad_gather_kernel, wa.gather_config(tokens))):
+    for kernel, config in launches:
         constexprs = {k: v for k, v in {**common, **config}.items() if k in kernel.arg_names}
         jobs.append(dict(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
                          num_warps=config["num_warps"], num_stages=config.get("num_stages", 2)))
     return jobs
 
 
-# Launch configs depend on (tokens, head_dim, dtype). The default run compiles two cases that between them
-# take every kernel and code path: N = 144 (padded, several key blocks: bias-gradient scratch) local fp16, and
-# N = 49 (one key block: register bias-gradient tile) global bf16. The sweep over every variant window,
-# head_dim 16..128, dtype and local/global (about 600 compiles, hours on 2 cores) is marked slow.
-AOT_DEFAULT_CASES = [((12, 12), 32, torch.float16, False), ((7, 7), 32, torch.bfloat16, True)]
+# Launch configs depend on (tokens, head_dim, dtype). The default run compiles three cases that between them
+# take every kernel and code path: N = 144 (padded, several key blocks: bias-gradient scratch) local fp16,
+# N = 49 (one key block: register bias-gradient tile) global bf16, and N = 49 global fp32 at GC ViT's head_dim
+# (3xTF32 dots; its dq / bias-gradient kernel used to spill). The sweep over every variant window, head_dim 16..128,
+# dtype and local/global (about 1,000 compiles, 10 minutes on 2 cores with a cold Triton cache) is marked slow.
+AOT_DEFAULT_CASES = [((12, 12), 32, torch.float16, False), ((7, 7), 32, torch.bfloat16, True),
+                     ((7, 7), 32, torch.float32, True)]
 AOT_SWEEP_CASES = [(window, head_dim, dtype, is_global)
                    for window in ((7, 7), (12, 12), (14, 14), (16, 16), (24, 24), (32, 32), (10, 6))
                    for head_dim in (16, 32, 64, 128)
