@@ -52,11 +52,16 @@ brackets); the reference's own speed swings between runs, so the ranges are wide
   Against the kernel at the start of the session, A/B in one process: 1.13x at stage 3, 1.03-1.05x elsewhere.
   The goals (>= 2x reference, >= 1.3x SDPA) hold at stages 1-3; stage 4 is borderline against the reference.
 * Fused-MBConv (channels_last, as the model feeds it): 1.1-1.6x (1.1-1.75x); the 1.5x goal holds only at some
-  shapes. Below the stem's 112^2 map the 1x1 GEMM (MKL either way) dominates.
+  shapes. A later run (2026-11-25 18:25, with the reference's 1x1 conv alone as ``pw_floor``): 1.08-1.99x, and
+  the 1x1 conv alone is 1.9-4.6x faster than the reference block, so the GEMM does not bound the goal: the rest
+  does. Measured there: our depthwise + GELU + pool pass costs about what oneDNN's depthwise conv plus ATen's
+  GELU cost (C = 64 at 56^2: ~3 ms each, batch 8); the gated 1x1 with its residual (per-image weights, MKL
+  baddbmm) beat gating the activations and one GEMM (0.93-1.04x) and oneDNN's 1x1 conv with a fused add
+  (0.69-0.98x).
 * mlp_residual: 1.24-1.28x / 1.05-1.26x at stages 1-2 (row blocks), 1.0x at stages 3-4 (two GEMMs at peak
   already); linear_residual_layernorm 1.08-1.2x at stages 1-2, 0.94-1.0x at 3-4 (GEMM-bound); linear_gelu
   0.99-1.11x.
-* Whole model: see the README (fused 1.34x and 1.40x reference eager in two clean runs this session, 2 threads).
+* Whole model: see the README (fused 1.33-1.40x reference eager in three runs on 2026-11-25, 2 threads).
 * Training: the backward ops are PyTorch math, slower than the reference's autograd (earlier session, 1-thread
   CPU time: attention 0.77-0.88x, MBConv ~0.9x), so CPU training runs the reference path (gcvit/dispatch.py).
 """
