@@ -55,9 +55,11 @@ brackets); the reference's own speed swings between runs, so the ranges are wide
   shapes. A later run (2026-11-25 18:25, with the reference's 1x1 conv alone as ``pw_floor``): 1.08-1.99x, and
   the 1x1 conv alone is 1.9-4.6x faster than the reference block, so the GEMM does not bound the goal: the rest
   does. Measured there: our depthwise + GELU + pool pass costs about what oneDNN's depthwise conv plus ATen's
-  GELU cost (C = 64 at 56^2: ~3 ms each, batch 8); the gated 1x1 with its residual (per-image weights, MKL
-  baddbmm) beat gating the activations and one GEMM (0.93-1.04x) and oneDNN's 1x1 conv with a fused add
-  (0.69-0.98x).
+  GELU cost (C = 64 at 56^2: ~3 ms each, batch 8); for the gated 1x1 with its residual, MKL's baddbmm on
+  per-image weights beat gating the activations and one GEMM (0.93-1.04x) and oneDNN's 1x1 conv with a fused
+  add (0.69-0.98x). Since then the fp32 channels_last 1x1 runs as one register-blocked pass with the residual
+  in its accumulators (``pw_residual_nhwc``): 1.05-1.14x the baddbmm path at 56^2..14^2 with C = 64 / 128,
+  unchanged at 112^2 and where H W < C (A/B in one process, 2 threads).
 * mlp_residual: 1.24-1.28x / 1.05-1.26x at stages 1-2 (row blocks), 1.0x at stages 3-4 (two GEMMs at peak
   already); linear_residual_layernorm 1.08-1.2x at stages 1-2, 0.94-1.0x at 3-4 (GEMM-bound); linear_gelu
   0.99-1.11x.
