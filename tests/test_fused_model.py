@@ -1,7 +1,5 @@
 """The fused model end to end: equivalence with the reference, timm patching, torch.compile, DDP and FSDP2."""
 import copy
-import os
-import socket
 import threading
 import warnings
 
@@ -232,15 +230,9 @@ def test_compile_fullgraph_of_fused_block_traces():
 
 # -- distributed: two CPU ranks with gloo vs one process on the same global batch ---------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, wrapper, backend, x, state, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+def _rank_main(rank, world, rendezvous_file, wrapper, backend, x, state, out_path):
+    # a file rendezvous: a free TCP port picked up front can be taken by another process before rank 0 binds it
+    dist.init_process_group(backend, init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -282,7 +274,8 @@ def test_distributed_gradients_equal_single_process(tmp_path, wrapper, backend):
     model(x).square().mean().backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
     out_path = tmp_path / "grads.pt"
-    mp.spawn(_rank_main, args=(2, _free_port(), wrapper, backend, x, state, str(out_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "rendezvous"), wrapper, backend, x, state, str(out_path)), nprocs=2,
+             join=True)
     grads = torch.load(out_path)
     for name, g in expected.items():
         assert (grads[name] - g).abs().max().item() <= 1e-4 * max(1.0, g.abs().max().item()), name
