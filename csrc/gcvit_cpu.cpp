@@ -54,40 +54,10 @@ inline void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// exact-erf GELU, 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, the
-// formula ATen's own vectorised erf uses) with ATen's cheaper polynomial exp_u20 in place of Sleef's exp
-inline Vec gelu_vec(const Vec& x) {
-  const Vec half(0.5f), one(1.0f), rsqrt2(static_cast<float>(M_SQRT1_2));
-  const Vec p(0.3275911f), p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
-      p5(1.061405429f);
-  const Vec z = x * rsqrt2;
-  const Vec az = z.abs();
-  const Vec t = one / at::vec::fmadd(p, az, one);
-  const Vec r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(p5, t, p4), t, p3), t, p2), t, p1);
-  const Vec e = (Vec(0.f) - az * az).exp_u20();
-  const Vec erf_abs = one - r * t * e;                        // erf(|z|)
-  const Vec erf_z = Vec::blendv(erf_abs, Vec(0.f) - erf_abs, z < Vec(0.f));
-  return x * half * (one + erf_z);
-}
-
-inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * static_cast<float>(M_SQRT1_2))); }
-
-// ------------------------------------------------------------------------------------------------
-// Window attention
-// ------------------------------------------------------------------------------------------------
-
-// lane-wise max without NaN bookkeeping (a NaN score still reaches the output through its exp and the row sum)
-inline Vec max_lanes(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
-
-// 2^x for x <= 0 (softmax scores in log2 units minus their row maximum). x = n + r with n = round(x), |r| <= 1/2;
-// 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in the exponent bits. Anything below -126,
-// -inf included, gives 2^-126: nothing next to the row maximum's 1, and padded keys meet zero V rows.
+// 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the GELU's -x^2 log2(e) / 2).
+// x = n + r with n = round(x), |r| <= 1/2; 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in
+// the exponent bits. Anything below -126, -inf included, gives 2^-126: nothing next to the row maximum's 1,
+// padded keys meet zero V rows, and the GELU's tail term is below 1e-37.
 inline Vec exp2_nonpositive(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 v = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // maxps returns its 2nd operand for a NaN: kept
@@ -107,11 +77,41 @@ inline Vec exp2_nonpositive(const Vec& x) {
 #endif
 }
 
+// exact-erf GELU, x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, the
+// formula ATen's own vectorised erf uses): with u = |x| / sqrt 2 and t = 1 / (1 + p u), 1 - erf(u) = poly(t) t
+// exp(-u^2). The constants fold 1 / sqrt 2, the 1/2 and log2(e) (exp2_nonpositive), so h = (1 - erf(u)) / 2
+// and Phi(x) = 1 - h for x >= 0, h below.
+inline Vec gelu_vec(const Vec& x) {
+  const Vec one(1.0f), pc(static_cast<float>(0.3275911 * M_SQRT1_2));
+  const Vec c1(0.5f * 0.254829592f), c2(0.5f * -0.284496736f), c3(0.5f * 1.421413741f), c4(0.5f * -1.453152027f),
+      c5(0.5f * 1.061405429f), neg_half_log2e(static_cast<float>(-0.5 * M_LOG2E));
+  const Vec t = one / at::vec::fmadd(pc, x.abs(), one);
+  const Vec r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(c5, t, c4), t, c3), t, c2), t, c1);
+  const Vec h = r * t * exp2_nonpositive(x * neg_half_log2e * x);
+  return x * Vec::blendv(one - h, h, x < Vec(0.f));
+}
+
+inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * static_cast<float>(M_SQRT1_2))); }
+
+// ------------------------------------------------------------------------------------------------
+// Window attention
+// ------------------------------------------------------------------------------------------------
+
+// lane-wise max without NaN bookkeeping (a NaN score still reaches the output through its exp and the row sum)
+inline Vec max_lanes(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // The register-blocked product under the attention and the 1x1 conv: acc[r][v] += sum_k a[r * lda + k] *
 // b[k * ldb + v * VL] for R rows and JV vectors of columns. R = 6, JV = 2 keeps 12 accumulators, 2 b vectors and
 // a broadcast in the 16 AVX2 registers, the classic 6 x 16 micro-kernel shape.
 template <int R, int JV>
-[[gnu::always_inline]] inline void fma_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, Vec (&acc)[R][JV]) {
+[[gnu::always_inline]] inline void fma_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                                             Vec (&acc)[R][JV]) {
   for (int64_t k = 0; k < depth; ++k) {
     Vec bv[JV];
     for (int v = 0; v < JV; ++v) bv[v] = Vec::loadu(b + k * ldb + v * VL);
