@@ -128,6 +128,19 @@ inline void zero(Vec (&acc)[R][JV]) {
     for (int v = 0; v < JV; ++v) acc[r][v] = Vec(0.f);
 }
 
+// an R x JV-vector tile from / to rows ld floats apart
+template <int R, int JV>
+inline void load_tile(Vec (&acc)[R][JV], const float* src, int64_t ld) {
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < JV; ++v) acc[r][v] = Vec::loadu(src + r * ld + v * VL);
+}
+
+template <int R, int JV>
+inline void store_tile(const Vec (&acc)[R][JV], float* dst, int64_t ld) {
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < JV; ++v) acc[r][v].store(dst + r * ld + v * VL);
+}
+
 // f(std::integral_constant<int, JV>, first column) over nvec vectors of columns: blocks of 2, then 1 if odd
 template <typename F>
 [[gnu::always_inline]] inline void for_column_blocks(int64_t nvec, F&& f) {
@@ -185,8 +198,7 @@ inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int6
       Vec acc[R][JV];
       zero(acc);
       fma_block(p + i0 * np, np, v + c0, dp, n, acc);
-      for (int r = 0; r < R; ++r)
-        for (int u = 0; u < JV; ++u) acc[r][u].store(o + (i0 + r) * dp + c0 + u * VL);
+      store_tile(acc, o + i0 * dp + c0, dp);
     });
   });
 }
@@ -592,12 +604,10 @@ at::Tensor pw_residual_nhwc(const at::Tensor& x, const at::Tensor& t, const at::
           constexpr int R = decltype(rows_c)::value;
           for_column_blocks(C / VL, [&](auto jv_c, int64_t j0) {
             constexpr int JV = decltype(jv_c)::value;
-            Vec acc[R][JV];  // starts from the residual: the add costs nothing
-            for (int r = 0; r < R; ++r)
-              for (int v = 0; v < JV; ++v) acc[r][v] = Vec::loadu(xp + off + r * C + j0 + v * VL);
+            Vec acc[R][JV];
+            load_tile(acc, xp + off + j0, C);  // starts from the residual: the add costs nothing
             fma_block(tp + off, C, packed_b + j0 * C, JV * VL, C, acc);
-            for (int r = 0; r < R; ++r)
-              for (int v = 0; v < JV; ++v) acc[r][v].store(op + off + r * C + j0 + v * VL);
+            store_tile(acc, op + off + j0, C);
           });
         });
       }
