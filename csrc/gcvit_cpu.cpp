@@ -2,9 +2,9 @@
 // (Linear + exact GELU, LayerNorm + Linear).
 //
 // Built by gcvit_kernels/cpu.py with torch.utils.cpp_extension.load; the vector width comes from
-// at::vec::Vectorized<float> under the CPU_CAPABILITY chosen there (AVX2 build with -mavx2 -mfma
-// when the running CPU has it, the generic DEFAULT build otherwise), so a cached build never runs
-// instructions the CPU lacks.
+// at::vec::Vectorized<float> under the CPU_CAPABILITY chosen there (an AVX512 build with ATen's AVX512
+// flags, 16 lanes, or an AVX2 build with -mavx2 -mfma, 8 lanes, when the running CPU has it, the generic
+// DEFAULT build otherwise), so a cached build never runs instructions the CPU lacks.
 //
 // Layouts are the ones documented in gcvit/functional.py. All arithmetic is fp32; bf16 inputs are
 // widened on load and rounded on store. Every kernel is deterministic and gives bit-identical
@@ -72,6 +72,18 @@ inline Vec exp2_nonpositive(const Vec& x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-126.f), x);
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n in one instruction
 #else
   return (x * Vec(static_cast<float>(M_LN2))).exp_u20();
 #endif
@@ -101,6 +113,8 @@ inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * stati
 inline Vec max_lanes(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
   return _mm256_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
 #else
   return at::vec::maximum(a, b);
 #endif

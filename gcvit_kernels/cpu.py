@@ -6,9 +6,10 @@ Build: ``torch.utils.cpp_extension.load`` with ninja, on first use, into a stabl
 extension loader rebuilds only when the sources or flags change, and a file lock keeps concurrent
 processes from building twice. Flags: ``-O3 -fopenmp`` (ATen's parallel_for is inline OpenMP: without it every kernel runs on one thread;
 the libgomp it links is the one torch has already loaded) and no ``-march=native``. The variant is picked at
-run time from ``torch.backends.cpu.get_cpu_capability()``: an ``avx2`` build (``-mavx2 -mfma -mf16c``,
-``at::vec`` compiled as ATen's AVX2 capability) on AVX2/AVX512 CPUs, a generic ``default`` build
-otherwise, so a cache shared between machines never runs instructions a CPU lacks.
+run time from ``torch.backends.cpu.get_cpu_capability()``: an ``avx512`` build (ATen's AVX512 flags,
+16-lane ``at::vec``) on CPUs ATen runs at AVX512, an ``avx2`` build (``-mavx2 -mfma -mf16c``) on AVX2 CPUs, a
+generic ``default`` build otherwise; each variant has its own cache directory, so a cache shared between
+machines never runs instructions a CPU lacks. ``GCVIT_EXT_VARIANT=avx2|default`` forces a narrower one.
 
 ``load()`` never raises: without a compiler or on a build failure it emits one warning and
 ``available()`` is False; the CPU kernels of the ops then run the PyTorch reference math.
@@ -90,18 +91,36 @@ _ext = None
 _tried = False
 _error: Optional[str] = None
 
+# build variants, narrowest first: (name, ATen capability it needs, compiler flags)
+_VARIANTS = (
+    ("default", "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]),
+    ("avx2", "AVX2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    # the flags ATen builds its own AVX512 kernels with (at::vec's 16-lane Vectorized<float>)
+    ("avx512", "AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]),
+)
+
+
 def _variant() -> Tuple[str, list]:
+    """The widest build the running CPU supports, or a narrower one forced by ``GCVIT_EXT_VARIANT``."""
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         cap = "DEFAULT"
-    # GCVIT_EXT_VARIANT=default forces the generic build (for testing it; forcing avx2 is not offered)
+    if not sys.platform.startswith("linux"):
+        cap = "DEFAULT"
+    names = [v[0] for v in _VARIANTS]
+    best = max((i for i, v in enumerate(_VARIANTS) if v[1] == cap), default=0)
     forced = os.environ.get("GCVIT_EXT_VARIANT", "").lower()
-    if forced not in ("", "default", "auto"):
-        warnings.warn(f"gcvit: GCVIT_EXT_VARIANT={forced!r} ignored (only 'default' can be forced)", RuntimeWarning)
-    if cap in ("AVX2", "AVX512") and sys.platform.startswith("linux") and forced != "default":
-        return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
+    if forced in ("", "auto"):
+        pick = best
+    elif forced in names and names.index(forced) <= best:
+        pick = names.index(forced)  # a narrower build, for testing and A/B timing
+    else:
+        pick = best
+        warnings.warn(f"gcvit: GCVIT_EXT_VARIANT={forced!r} ignored: this CPU supports {names[: best + 1]}",
+                      RuntimeWarning)
+    return _VARIANTS[pick][0], list(_VARIANTS[pick][2])
 
 
 def build_directory() -> str:
@@ -410,8 +429,13 @@ def _mbconv_bwd_cpu(grad_out, x, dw_weight, se_reduce_weight, se_expand_weight, 
     g_m = g_z @ w1  # (B, C)
     g_t = g_ts * gate[:, None, :] + (g_m / (h * w))[:, None, :]
     g_a = (g_t * _gelu_grad(a_r)).view(b, h, w, c).permute(0, 3, 1, 2)
-    grad_in, grad_dw, _ = torch.ops.aten.convolution_backward(
-        g_a, xf, dw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], c, [True, True, False])
+    grad_in = torch.ops.aten.convolution_backward(
+        g_a, xf, dw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], c, [True, False, False])[0]
+    # the depthwise weight gradient tap by tap, each a per-channel sum over a (C, B*H*W) copy (ATen reduces each
+    # row in one fixed order): ATen's own depthwise weight gradient changes with the thread count on AVX-512
+    xpad = F.pad(xf, (1, 1, 1, 1))
+    grad_dw = torch.stack([(xpad[:, :, ky:ky + h, kx:kx + w] * g_a).transpose(0, 1).reshape(c, -1).sum(1)
+                           for ky in range(3) for kx in range(3)], 1).view(c, 1, 3, 3)
     grad_x = (gy + grad_in).to(x.dtype)
     return (grad_x, grad_dw.to(dw_weight.dtype), grad_w1.reshape(se_reduce_weight.shape).to(se_reduce_weight.dtype),
             grad_w2.reshape(se_expand_weight.shape).to(se_expand_weight.dtype),
