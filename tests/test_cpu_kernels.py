@@ -327,8 +327,16 @@ print("OK", cpu.load_error()[:80])
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
-def test_generic_default_build_matches_reference(tmp_path):
-    """The generic (no AVX2) variant a non-AVX2 machine would build: compiles and gives correct results."""
+def _narrower_variants():
+    best = cpu._variant()[0]
+    names = [v[0] for v in cpu._VARIANTS]
+    return names[: names.index(best)]
+
+
+@pytest.mark.parametrize("variant", _narrower_variants())
+def test_narrower_build_matches_reference(tmp_path, variant):
+    """The builds a narrower CPU would pick (the generic one without AVX2; AVX2 on an AVX-512 CPU): each compiles
+    and gives correct results."""
     import os
     import subprocess
     import sys
@@ -338,7 +346,7 @@ import torch
 from gcvit_kernels import cpu
 from gcvit import functional as ref
 assert cpu.available(), cpu.load_error()
-assert torch.ops.gcvit_cpu.capability() == "DEFAULT"
+assert torch.ops.gcvit_cpu.capability() == {"default": "DEFAULT", "avx2": "AVX2"}[%r], torch.ops.gcvit_cpu.capability()
 qkv, table, gq = torch.randn(3, 21, 14, 72), torch.randn(169, 3), torch.randn(3, 49, 36)
 out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, gq, 3, 7, 7, 0.3)
 torch.testing.assert_close(out, ref.window_attention(qkv, table, 3, (7, 7), gq, 0.3), atol=2e-5, rtol=2e-5)
@@ -348,8 +356,8 @@ for cl in (False, True):
     ws = (torch.randn(20, 1, 3, 3), torch.randn(5, 20, 1, 1), torch.randn(20, 5, 1, 1), torch.randn(20, 20, 1, 1))
     torch.testing.assert_close(torch.ops.gcvit.fused_mbconv_fwd(x, *ws), ref.fused_mbconv(x, *ws), atol=2e-5, rtol=2e-5)
 print("OK")
-"""
-    env = dict(os.environ, GCVIT_EXT_VARIANT="default", GCVIT_EXT_DIR=str(tmp_path / "ext"))
+""" % variant
+    env = dict(os.environ, GCVIT_EXT_VARIANT=variant, GCVIT_EXT_DIR=str(tmp_path / "ext"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
