@@ -121,8 +121,7 @@ inline Vec max_lanes(const Vec& a, const Vec& b) {
 }
 
 // The register-blocked product under the attention and the 1x1 conv: acc[r][v] += sum_k a[r * lda + k] *
-// b[k * ldb + v * VL] for R rows and JV vectors of columns. R = 6, JV = 2 keeps 12 accumulators, 2 b vectors and
-// a broadcast in the 16 AVX2 registers, the classic 6 x 16 micro-kernel shape.
+// b[k * ldb + v * VL] for R rows and JV vectors of columns (R up to STRIP_ROWS, JV up to 2, see below).
 template <int R, int JV>
 [[gnu::always_inline]] inline void fma_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
                                              Vec (&acc)[R][JV]) {
@@ -163,16 +162,21 @@ template <typename F>
   if (v < nvec) f(std::integral_constant<int, 1>{}, v * VL);
 }
 
-// f(std::integral_constant<int, R>) for a strip of 1 <= rows <= 6 rows
-template <typename F>
+// rows per strip of the register-blocked products: with 2 column vectors and a broadcast, 12 accumulators fill
+// the 16 AVX2 registers (the classic 6 x 16 micro-kernel); AVX-512's 32 registers take 12 rows (24 accumulators),
+// which halves how often each strip streams its B operand (K^T, V, the 1x1 weights) through L1
+constexpr int STRIP_ROWS = VL >= 16 ? 12 : 6;
+
+// f(std::integral_constant<int, R>) for a strip of 1 <= rows <= STRIP_ROWS rows
+template <int R = STRIP_ROWS, typename F>
 [[gnu::always_inline]] inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
+  if constexpr (R == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (rows >= R)
+      f(std::integral_constant<int, R>{});
+    else
+      with_rows<R - 1>(rows, f);
   }
 }
 
@@ -245,6 +249,9 @@ at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_
   return bias;
 }
 
+// the bias a thread's run of attention tasks keeps in L2 (about a quarter of a 1-2 MB L2)
+constexpr int64_t ATTN_BIAS_L2_BYTES = 384 * 1024;
+
 // K^T (d, np) from K's rows (np, d), in 8 x 8 register transposes (rows n .. np-1 of k are zero)
 inline void transpose_keys(const float* k, int64_t np, int64_t d, float* kt) {
   const int64_t d8 = d / 8 * 8;
@@ -254,10 +261,12 @@ inline void transpose_keys(const float* k, int64_t np, int64_t d, float* kt) {
   }
 }
 
-// One task = one window and a group of heads [h0, h1) (all heads unless there are too few windows to
-// keep every thread busy). Each token's qkv row is read once, contiguously, for all the task's heads;
-// the next window's rows are prefetched while this one computes. Every (window, head) result is computed
-// by the same arithmetic whatever the grouping, so results do not depend on the thread count.
+// One task = one window and a group of heads [h0, h1); tasks run group-major, so a thread's consecutive tasks
+// share their heads and those heads' bias (N x Np each) stays in L2 (all heads' bias, 1.3 MB at the 14x14 stage,
+// did not: reading it cost a fifth of the kernel there). Groups hold as many heads as fit ATTN_BIAS_L2_BYTES,
+// fewer when there are too few windows to keep every thread busy. Each token's qkv slice for the group is read
+// once, contiguously; the next window's slices are prefetched while this one computes. Every (window, head)
+// result is computed by the same arithmetic whatever the grouping, so results do not depend on the thread count.
 template <typename T>
 void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor* gq, int64_t heads, int64_t wh,
                    int64_t ww, float scale, at::Tensor& out, at::Tensor& lse) {
@@ -279,7 +288,9 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   T* outp = out.data_ptr<T>();
   float* lsep = lse.data_ptr<float>();
   const int64_t nthreads = at::get_num_threads();
-  const int64_t groups = nw_total >= 4 * nthreads ? 1 : std::min<int64_t>(heads, (4 * nthreads + nw_total - 1) / nw_total);
+  const int64_t bias_bytes = n * np * static_cast<int64_t>(sizeof(float));
+  int64_t groups = std::max<int64_t>(1, std::min<int64_t>(heads, (heads * bias_bytes + ATTN_BIAS_L2_BYTES - 1) / ATTN_BIAS_L2_BYTES));
+  if (nw_total * groups < 4 * nthreads) groups = std::min<int64_t>(heads, (4 * nthreads + nw_total - 1) / nw_total);
   const int64_t hpg = (heads + groups - 1) / groups;  // heads per group
 
   auto token_ptr = [&](int64_t w, int64_t t) {
@@ -295,7 +306,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
     float* ob = obuf.data();
     float* invp = invbuf.data();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t w = task / groups, grp = task % groups;
+      const int64_t w = task % nw_total, grp = task / nw_total;
       const int64_t h0 = grp * hpg, h1 = std::min(heads, h0 + hpg);
       if (h0 >= h1) continue;
       const int64_t b = w / nwin, r = w % nwin, wy = r / nwx, wx = r % nwx;
@@ -311,12 +322,16 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         }
       }
       for (int64_t hl = 0; hl < h1 - h0; ++hl) transpose_keys(kbuf.data() + hl * np * d, np, d, ktbuf.data() + hl * d * np);
-      // prefetch the next task's token rows (a different window) while this one computes
-      if (task + 1 < end && (task + 1) / groups != w) {
-        const int64_t row_bytes = S * C * static_cast<int64_t>(sizeof(T));
+      // prefetch the next task's qkv slices while this one computes
+      if (task + 1 < end) {
+        const int64_t wn = (task + 1) % nw_total, hn0 = (task + 1) / nw_total * hpg, hn1 = std::min(heads, hn0 + hpg);
+        const int64_t slice_bytes = (hn1 - hn0) * d * static_cast<int64_t>(sizeof(T));
         for (int64_t t = 0; t < n; ++t) {
-          const char* px = reinterpret_cast<const char*>(token_ptr(w + 1, t));
-          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(px + off, 0, 1);
+          const T* px = token_ptr(wn, t);
+          for (int64_t part = 0; part < S; ++part) {
+            const char* p = reinterpret_cast<const char*>(px + part * C + hn0 * d);
+            for (int64_t off = 0; off < slice_bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+          }
         }
       }
       for (int64_t h = h0; h < h1; ++h) {
@@ -324,10 +339,10 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         const float* qb = qbuf.data() + hl * n * d;
         const float* ktb = ktbuf.data() + hl * d * np;
         const float* vb = vbuf.data() + hl * n * dp;
-        // strips of 6 score rows: scores, softmax and P V while the strip is in L1
-        for (int64_t i0 = 0; i0 < n; i0 += 6) {
-          const int64_t rows = std::min<int64_t>(6, n - i0);
-          float row_max[6];
+        // strips of score rows: scores, softmax and P V while the strip is in L1
+        for (int64_t i0 = 0; i0 < n; i0 += STRIP_ROWS) {
+          const int64_t rows = std::min<int64_t>(STRIP_ROWS, n - i0);
+          float row_max[STRIP_ROWS];
           qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0, row_max);
           // softmax rows (unnormalised) in log2 units, keep 1/sum for the output
           for (int64_t ii = i0; ii < i0 + rows; ++ii) {
@@ -612,9 +627,9 @@ at::Tensor pw_residual_nhwc(const at::Tensor& x, const at::Tensor& t, const at::
       const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * PW_PIXELS_PER_TASK;
       const int64_t p1 = std::min(HW, p0 + PW_PIXELS_PER_TASK);
       const float* packed_b = pk + b * C * C;
-      for (int64_t p = p0; p < p1; p += 6) {
+      for (int64_t p = p0; p < p1; p += STRIP_ROWS) {
         const int64_t off = (b * HW + p) * C;
-        with_rows(std::min<int64_t>(6, p1 - p), [&](auto rows_c) {
+        with_rows(std::min<int64_t>(STRIP_ROWS, p1 - p), [&](auto rows_c) {
           constexpr int R = decltype(rows_c)::value;
           for_column_blocks(C / VL, [&](auto jv_c, int64_t j0) {
             constexpr int JV = decltype(jv_c)::value;
