@@ -163,9 +163,9 @@ template <typename F>
 }
 
 // rows per strip of the register-blocked products: with 2 column vectors and a broadcast, 12 accumulators fill
-// the 16 AVX2 registers (the classic 6 x 16 micro-kernel); AVX-512's 32 registers take 12 rows (24 accumulators),
-// which halves how often each strip streams its B operand (K^T, V, the 1x1 weights) through L1
-constexpr int STRIP_ROWS = VL >= 16 ? 12 : 6;
+// the 16 AVX2 registers (the classic 6 x 16 micro-kernel). AVX-512's 32 registers would take 12 rows: measured
+// 0.96-1.02x in the attention and the 1x1 pass (in-process A/B, 2 threads), so both widths use 6.
+constexpr int STRIP_ROWS = 6;
 
 // f(std::integral_constant<int, R>) for a strip of 1 <= rows <= STRIP_ROWS rows
 template <int R = STRIP_ROWS, typename F>
@@ -180,8 +180,8 @@ template <int R = STRIP_ROWS, typename F>
   }
 }
 
-// rows [i0, i0 + rows) of S = Q Kt + bias (Q: (n, d), Kt: (d, np), S and bias: (n, np)) and their maxima, taken
-// in the same pass so the softmax needs no separate one
+// rows [i0, i0 + rows) of S = Q Kt + bias (Q: (n, d), Kt: (d, np), bias: (n, np)) into the strip s (rows, np) and
+// their maxima, taken in the same pass so the softmax needs no separate one
 inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, int64_t np, const float* bias, float* s,
                      int64_t i0, float* row_max) {
   with_rows(rows, [&](auto rows_c) {
@@ -195,9 +195,9 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
       fma_block(q + i0 * d, d, kt + j0, np, d, acc);
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < JV; ++v) {
-          const int64_t off = (i0 + r) * np + j0 + v * VL;
-          const Vec sv = acc[r][v] + Vec::loadu(bias + off);
-          sv.store(s + off);
+          const int64_t col = j0 + v * VL;
+          const Vec sv = acc[r][v] + Vec::loadu(bias + (i0 + r) * np + col);
+          sv.store(s + r * np + col);
           rmax[r] = max_lanes(rmax[r], sv);
         }
     });
@@ -206,7 +206,8 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
   });
 }
 
-// rows [i0, i0 + rows) of O = P V (P: (n, np) of which the first n columns count, V: (n, dp), O: (n, dp))
+// rows [i0, i0 + rows) of O = P V (P: the strip's rows, (rows, np) of which the first n columns count, V: (n, dp),
+// O: (n, dp))
 inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int64_t dp, float* o, int64_t i0,
                      int64_t rows) {
   with_rows(rows, [&](auto rows_c) {
@@ -215,7 +216,7 @@ inline void pv_strip(const float* p, int64_t np, int64_t n, const float* v, int6
       constexpr int JV = decltype(jv_c)::value;
       Vec acc[R][JV];
       zero(acc);
-      fma_block(p + i0 * np, np, v + c0, dp, n, acc);
+      fma_block(p, np, v + c0, dp, n, acc);
       store_tile(acc, o + i0 * dp + c0, dp);
     });
   });
@@ -300,7 +301,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   };
 
   at::parallel_for(0, nw_total * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(hpg * n * d + VL), kbuf(hpg * np * d, 0.f), ktbuf(hpg * d * np), vbuf(hpg * n * dp, 0.f), sbuf(n * np),
+    std::vector<float> qbuf(hpg * n * d + VL), kbuf(hpg * np * d, 0.f), ktbuf(hpg * d * np), vbuf(hpg * n * dp, 0.f), sbuf(STRIP_ROWS * np),
         obuf(n * dp), invbuf(n);
     float* sb = sbuf.data();
     float* ob = obuf.data();
@@ -346,7 +347,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
           qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0, row_max);
           // softmax rows (unnormalised) in log2 units, keep 1/sum for the output
           for (int64_t ii = i0; ii < i0 + rows; ++ii) {
-            float* row = sb + ii * np;
+            float* row = sb + (ii - i0) * np;
             const float m = row_max[ii - i0];
             const Vec mv(m);
             Vec vsum(0.f);
@@ -480,6 +481,48 @@ void dw_gelu_pool_nchw(const at::Tensor& x, const at::Tensor& w9, at::Tensor& t,
   });
 }
 
+// Row (b, y) of t = gelu(dwconv3x3(x)) for an fp32 channels_last map with C a whole number of vectors (w9t:
+// (9, C)), into trow (W, C), and the row's channel sums into row_sums (C). Two channel vectors per pass (adjacent
+// lines of each pixel) and one FMA chain per kernel row: 1.05-1.09x one vector and one chain of nine at C = 64
+// (in-process A/B, 2 threads), the same at wider C.
+inline void dw_gelu_row_nhwc(const float* xp, const float* wp, int64_t H, int64_t W, int64_t C, int64_t b, int64_t y,
+                             float* trow, float* row_sums) {
+  const float* rowp[3];
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const int64_t yy = y + ky - 1;
+    rowp[ky] = (yy < 0 || yy >= H) ? nullptr : xp + ((b * H + yy) * W) * C;
+  }
+  for_column_blocks(C / VL, [&](auto jv_c, int64_t c0) {
+    constexpr int JV = decltype(jv_c)::value;
+    Vec wv[9][JV];
+    for (int k = 0; k < 9; ++k)
+      for (int v = 0; v < JV; ++v) wv[k][v] = Vec::loadu(wp + k * C + c0 + v * VL);
+    Vec vs[JV];
+    for (int v = 0; v < JV; ++v) vs[v] = Vec(0.f);
+    for (int64_t xx = 0; xx < W; ++xx) {
+      const bool left = xx > 0, right = xx + 1 < W;
+      Vec a[3][JV];
+      for (int ky = 0; ky < 3; ++ky) {
+        for (int v = 0; v < JV; ++v) a[ky][v] = Vec(0.f);
+        const float* r = rowp[ky];
+        if (!r) continue;
+        const float* pc = r + xx * C + c0;
+        for (int v = 0; v < JV; ++v) {
+          if (left) a[ky][v] = wv[ky * 3][v] * Vec::loadu(pc - C + v * VL);
+          a[ky][v] = at::vec::fmadd(wv[ky * 3 + 1][v], Vec::loadu(pc + v * VL), a[ky][v]);
+          if (right) a[ky][v] = at::vec::fmadd(wv[ky * 3 + 2][v], Vec::loadu(pc + C + v * VL), a[ky][v]);
+        }
+      }
+      for (int v = 0; v < JV; ++v) {
+        const Vec g = gelu_vec(a[0][v] + a[1][v] + a[2][v]);
+        vs[v] = vs[v] + g;
+        g.store(trow + xx * C + c0 + v * VL);
+      }
+    }
+    for (int v = 0; v < JV; ++v) vs[v].store(row_sums + c0 + v * VL);
+  });
+}
+
 // channels_last: one task per (b, y) row, vectorised over channels; row sums to a (B, H, C) buffer
 // which is reduced over H in a fixed order afterwards. w9t is (9, Cp), zero-padded to a whole vector.
 template <typename T>
@@ -496,37 +539,8 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
     if (Cp == C) {
       // fp32 with whole vectors of channels: taps read straight from x, results straight into t
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t by = begin; by < end; ++by) {
-          const int64_t b = by / H, y = by % H;
-          const float* rowp[3];
-          for (int64_t ky = 0; ky < 3; ++ky) {
-            const int64_t yy = y + ky - 1;
-            rowp[ky] = (yy < 0 || yy >= H) ? nullptr : xp + ((b * H + yy) * W) * C;
-          }
-          float* trow = tp + ((b * H + y) * W) * C;
-          float* rs = rp + by * C;
-          for (int64_t c = 0; c < C; c += VL) {
-            Vec wv[9];
-            for (int k = 0; k < 9; ++k) wv[k] = Vec::loadu(wp + k * Cp + c);
-            Vec vs(0.f);
-            for (int64_t xx = 0; xx < W; ++xx) {
-              Vec a(0.f);
-              const bool left = xx > 0, right = xx + 1 < W;
-              for (int ky = 0; ky < 3; ++ky) {
-                const float* r = rowp[ky];
-                if (!r) continue;
-                const float* pc = r + xx * C + c;
-                if (left) a = at::vec::fmadd(wv[ky * 3], Vec::loadu(pc - C), a);
-                a = at::vec::fmadd(wv[ky * 3 + 1], Vec::loadu(pc), a);
-                if (right) a = at::vec::fmadd(wv[ky * 3 + 2], Vec::loadu(pc + C), a);
-              }
-              a = gelu_vec(a);
-              vs = vs + a;
-              a.store(trow + xx * C + c);
-            }
-            vs.store(rs + c);
-          }
-        }
+        for (int64_t by = begin; by < end; ++by)
+          dw_gelu_row_nhwc(xp, wp, H, W, C, by / H, by % H, tp + by * W * C, rp + by * C);
       });
       sums.copy_(rows.sum(1));
       return;
@@ -601,6 +615,24 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
 constexpr int64_t PW_PANEL = 2 * VL;
 constexpr int64_t PW_PIXELS_PER_TASK = 48;
 
+// out = x + t @ packed^T for npix consecutive pixels (rows of C floats)
+inline void pw_residual_rows(const float* t, const float* x, const float* packed, float* out, int64_t npix,
+                             int64_t C) {
+  for (int64_t p = 0; p < npix; p += STRIP_ROWS) {
+    const int64_t off = p * C;
+    with_rows(std::min<int64_t>(STRIP_ROWS, npix - p), [&](auto rows_c) {
+      constexpr int R = decltype(rows_c)::value;
+      for_column_blocks(C / VL, [&](auto jv_c, int64_t j0) {
+        constexpr int JV = decltype(jv_c)::value;
+        Vec acc[R][JV];
+        load_tile(acc, x + off + j0, C);  // starts from the residual: the add costs nothing
+        fma_block(t + off, C, packed + j0 * C, JV * VL, C, acc);
+        store_tile(acc, out + off + j0, C);
+      });
+    });
+  }
+}
+
 at::Tensor pw_residual_nhwc(const at::Tensor& x, const at::Tensor& t, const at::Tensor& pw, const at::Tensor& gate) {
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   // packed[b] (C, C): panel j0 holds (pw * gate[b])[j0 + jj, k] at j0 * C + k * width + jj
@@ -619,27 +651,14 @@ at::Tensor pw_residual_nhwc(const at::Tensor& x, const at::Tensor& t, const at::
   });
   at::Tensor out = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
   const float* xp = x.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
   const int64_t tasks_per_image = (HW + PW_PIXELS_PER_TASK - 1) / PW_PIXELS_PER_TASK;
   at::parallel_for(0, B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * PW_PIXELS_PER_TASK;
-      const int64_t p1 = std::min(HW, p0 + PW_PIXELS_PER_TASK);
-      const float* packed_b = pk + b * C * C;
-      for (int64_t p = p0; p < p1; p += STRIP_ROWS) {
-        const int64_t off = (b * HW + p) * C;
-        with_rows(std::min<int64_t>(STRIP_ROWS, p1 - p), [&](auto rows_c) {
-          constexpr int R = decltype(rows_c)::value;
-          for_column_blocks(C / VL, [&](auto jv_c, int64_t j0) {
-            constexpr int JV = decltype(jv_c)::value;
-            Vec acc[R][JV];
-            load_tile(acc, xp + off + j0, C);  // starts from the residual: the add costs nothing
-            fma_block(tp + off, C, packed_b + j0 * C, JV * VL, C, acc);
-            store_tile(acc, op + off + j0, C);
-          });
-        });
-      }
+      const int64_t off = (b * HW + p0) * C;
+      pw_residual_rows(tp + off, xp + off, pk + b * C * C, op + off, std::min(HW, p0 + PW_PIXELS_PER_TASK) - p0, C);
     }
   });
   return out;
