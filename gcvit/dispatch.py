@@ -257,6 +257,17 @@ def call_in_fp32(model, x: torch.Tensor):
     return [t.to(x.dtype) for t in out] if isinstance(out, list) else out.to(x.dtype)
 
 
+def inference_arena(model, x: torch.Tensor):
+    """The context a fused model's forward runs in: on the CPU in inference, the C++ extension's caching arena
+    (gcvit_kernels.cpu.inference_arena: the forward reuses the previous one's large blocks instead of faulting in
+    fresh pages); otherwise nothing."""
+    if (isinstance(x, torch.Tensor) and _fused_cpu_inference(model, x) and not torch.compiler.is_compiling()):
+        cpu, _ = _kernel_module("cpu")
+        if cpu is not None:
+            return cpu.inference_arena()
+    return contextlib.nullcontext()
+
+
 def keeps_channels_last(module, x: torch.Tensor) -> bool:
     """Whether the fused path keeps this NCHW map in channels-last memory: on the CPU its convolutions,
     channels-last LayerNorms and fused kernels then read it without the permute copies timm's NCHW layout costs."""

@@ -435,11 +435,12 @@ class GlobalContextVit(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        if dispatch.computes_in_fp32(self, x):
-            return dispatch.call_in_fp32(self, x)
-        if self.out_indices is not None:
-            return self.forward_intermediates(x, self.out_indices)
-        return self.forward_head(self.forward_features(x))
+        with dispatch.inference_arena(self, x):
+            if dispatch.computes_in_fp32(self, x):
+                return dispatch.call_in_fp32(self, x)
+            if self.out_indices is not None:
+                return self.forward_intermediates(x, self.out_indices)
+            return self.forward_head(self.forward_features(x))
 
 
 class ClassifierHead(nn.Module):

@@ -279,3 +279,90 @@ def test_distributed_gradients_equal_single_process(tmp_path, wrapper, backend):
     grads = torch.load(out_path)
     for name, g in expected.items():
         assert (grads[name] - g).abs().max().item() <= 1e-4 * max(1.0, g.abs().max().item()), name
+
+
+@needs_cpu_kernels
+def test_inference_arena_reuses_blocks_and_restores_the_allocator():
+    cpu.arena_empty_cache()
+    with cpu.inference_arena():
+        with cpu.inference_arena():  # nested: one installation
+            block = torch.empty(1 << 20)  # 4 MiB
+        del block
+    held = cpu.arena_cached_bytes()
+    assert held >= 4 << 20
+    with cpu.inference_arena():
+        again = torch.empty(1 << 20)  # the cached block, handed out again
+    assert cpu.arena_cached_bytes() == held - (4 << 20)
+    del again
+    after = torch.empty(1 << 20)  # outside: the default allocator, nothing returns to the arena
+    del after
+    assert cpu.arena_cached_bytes() == held
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu.inference_arena():
+            raise RuntimeError("inside")
+    outside = torch.empty(1 << 20)
+    del outside
+    assert cpu.arena_cached_bytes() == held  # restored after the exception too
+    cpu.arena_empty_cache()
+    assert cpu.arena_cached_bytes() == 0
+
+
+@needs_cpu_kernels
+def test_inference_arena_limit_and_bad_setting(monkeypatch):
+    ext = cpu.load()
+    cpu.arena_empty_cache()
+    try:
+        ext.arena_set_limit(1 << 20)
+        with cpu.inference_arena():
+            big = torch.empty(1 << 20)  # 4 MiB: over the 1 MiB limit
+        del big
+        assert cpu.arena_cached_bytes() == 0
+    finally:
+        ext.arena_set_limit(cpu._arena_limit() << 20)
+    monkeypatch.setattr(cpu, "_arena_limit_mb", None)
+    monkeypatch.setenv("GCVIT_CPU_ARENA_MB", "lots")
+    with pytest.raises(ValueError, match="GCVIT_CPU_ARENA_MB must be a whole number"):
+        with cpu.inference_arena():
+            pass
+    monkeypatch.setenv("GCVIT_CPU_ARENA_MB", "0")
+    monkeypatch.setattr(cpu, "_arena_limit_mb", None)
+    with cpu.inference_arena():
+        off = torch.empty(1 << 20)
+    del off
+    assert cpu.arena_cached_bytes() == 0
+    monkeypatch.setattr(cpu, "_arena_limit_mb", None)
+    monkeypatch.delenv("GCVIT_CPU_ARENA_MB")
+    assert cpu._arena_limit() == 1024
+
+
+@needs_cpu_kernels
+def test_fused_cpu_inference_runs_in_the_arena_with_the_same_outputs(monkeypatch):
+    """The arena only changes where memory comes from: same logits, also from 4 threads at once; training and
+    the reference model do not use it."""
+    import contextlib
+
+    model = _small_model(fused=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cpu.arena_empty_cache()
+    with torch.inference_mode():
+        y = model(x)
+        assert cpu.arena_cached_bytes() > 0  # the forward's activations came from the arena
+        results = [None] * 4
+
+        def worker(i):
+            with torch.inference_mode():
+                results[i] = model(x)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        monkeypatch.setattr(dispatch, "inference_arena", lambda model, x: contextlib.nullcontext())
+        y_plain = model(x)
+    for r in results:
+        assert torch.equal(r, y)
+    assert torch.equal(y, y_plain)
+    monkeypatch.undo()
+    assert isinstance(dispatch.inference_arena(model.train(), x), contextlib.nullcontext)
+    assert isinstance(dispatch.inference_arena(_small_model().eval(), x), contextlib.nullcontext)
