@@ -62,8 +62,13 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 
 // 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the GELU's -x^2 log2(e) / 2).
 // x = n + r with n = round(x), |r| <= 1/2; 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in
-// the exponent bits. Anything below -126, -inf included, gives 2^-126: nothing next to the row maximum's 1,
-// padded keys meet zero V rows, and the GELU's tail term is below 1e-37.
+// the exponent bits. Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row
+// maximum's 1 such a weight is invisible, padded keys get exactly 0, and the GELU's tail (r t 2^x, r t < 1/8)
+// never becomes a subnormal (with 2^-126 there, the GELU of x < -13 was one): subnormal operands cost a microcode
+// assist per operation on Intel cores, in our passes and in the MKL GEMM a GELU output feeds. (No speed change on
+// ordinary inputs, in-process A/B; a synthetic case with subnormal SE gates ran its 1x1 GEMM 3x slower.)
+constexpr float EXP2_FLUSH = -120.f;
+
 inline Vec exp2_nonpositive(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 v = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // maxps returns its 2nd operand for a NaN: kept
@@ -77,7 +82,8 @@ inline Vec exp2_nonpositive(const Vec& x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931472028550421e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP2_FLUSH), _CMP_NLT_UQ);  // x >= EXP2_FLUSH or NaN
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 #elif defined(CPU_CAPABILITY_AVX512)
   const __m512 v = _mm512_max_ps(_mm512_set1_ps(-126.f), x);
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -89,9 +95,10 @@ inline Vec exp2_nonpositive(const Vec& x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);  // p * 2^n in one instruction
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP2_FLUSH), _CMP_NLT_UQ);  // x >= EXP2_FLUSH or NaN
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));  // p * 2^n in one instruction
 #else
-  return (x * Vec(static_cast<float>(M_LN2))).exp_u20();
+  return Vec::blendv((x * Vec(static_cast<float>(M_LN2))).exp_u20(), Vec(0.f), x < Vec(EXP2_FLUSH));
 #endif
 }
 
