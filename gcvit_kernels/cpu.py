@@ -17,10 +17,11 @@ machines never runs instructions a CPU lacks. ``GCVIT_EXT_VARIANT=avx2|default``
 Ops given CPU kernels here (schemas defined by the Triton op modules):
 
 * ``gcvit::window_attention_fwd`` -- C++ (fp32, bf16; other dtypes: PyTorch math).
-  Per (window, head) task: Q (scaled), K^T (8x8 register transposes), V packed from the qkv map into a
-  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered in-kernel into a
-  (heads, N, N) table) with the row maxima taken in its epilogue, softmax in log2 units (a degree-6 exp2),
-  P V, written straight into the (B, H, W, C) output; lse saved for the backward.
+  Per (window, head group) task: Q (scaled), K^T (8x8 register transposes), V packed from the qkv map into a
+  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered once per call from the table
+  into a (heads, N, Np) array; tasks run head-group-major with groups sized so a thread's bias stays in L2)
+  with the row maxima taken in its epilogue, softmax in log2 units (a degree-6 exp2), P V, written straight
+  into the (B, H, W, C) output; lse saved for the backward.
 * ``gcvit::window_attention_bwd`` -- PyTorch math from the saved lse (flash-attention style
   recompute of P, one batched pass; deterministic).
 * ``gcvit::fused_mbconv_fwd`` -- C++ depthwise 3x3 + exact GELU + SE pool partial sums in one pass
@@ -35,36 +36,32 @@ Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementw
   fc1 + exact GELU; output projection + bias + layer scale + residual + the block's second LayerNorm in one
   row pass; the whole MLP half of a block, in L2-sized row blocks (BLAS ``sgemm_`` per block, found at run
   time) where the weights are small.
+* ``inference_arena()`` -- not an op: a caching CPU allocator (in the extension) that a fused model's CPU
+  inference forward allocates from, so each forward reuses the previous one's pages instead of faulting in
+  fresh ones (gcvit_tiny b8: 22,600 minor faults per forward -> 0, 1.026-1.045x the model).
 * ``gcvit::layer_norm`` -- LayerNorm over the last dim, one vectorised pass per row (the norms no GEMM
   precedes: the blocks' first norm, the stem's and downsamplers' channels-last LayerNorm2d). 1.5x ATen's at
   the 112^2 and 56^2 maps, equal at 14^2; about 1% of the whole fused model (interleaved A/B runs of the
   model: 0.97x, 1.013x, 1.017x; 1.02-1.04x for a prototype called without the custom-op layer).
 
-Measurements: ``benchmarks/results/cpu-2core-2026-11-25-ops.json`` (``pytest benchmarks/test_bench_cpu.py
---benchmark-only``), AMD EPYC, 2 cores with AVX2, fp32, batch 8, gcvit_tiny shapes; two runs, 14:58 and 15:24 UTC
-(the file is the second). Ratio = reference time / C++ time, wall clock at 2 threads (single-thread CPU time in
-brackets); the reference's own speed swings between runs, so the ranges are wide:
+Measurements: ``benchmarks/results/cpu-2core-2026-12-01-ops.json`` (``pytest benchmarks/test_bench_cpu.py
+--benchmark-only``), 2026-12-01 22:50 UTC at 0ea81b7, on this workplace's 2-core Intel Xeon (AVX-512, AVX512-BF16,
+AMX; the avx512 build), fp32, batch 8, gcvit_tiny shapes. Ratio = reference time / C++ time, wall clock at 2
+threads, one run (this VM's speed drifts by up to 2x over minutes; in-process A/B of two builds, which alternate
+call by call, is what the commit messages quote):
 
-* window attention vs the reference subgraph / vs SDPA with the bias as a mask:
-  stage 1 (56^2, 7x7): 2.5-3.1x (2.3-3.4x) / 1.7-2.7x (1.7-1.8x);
-  stage 2 (28^2, 7x7): 2.2-2.3x (2.0-2.5x) / 2.2-2.6x (1.6-1.9x);
-  stage 3 (14^2, 14x14): 2.3-2.5x (2.3x) / 1.6-1.7x (1.4-1.5x);
-  stage 4 (7^2, 7x7): 1.6-2.2x (1.8-2.2x) / 1.9-2.1x (1.4-1.5x).
-  Against the kernel at the start of the session, A/B in one process: 1.13x at stage 3, 1.03-1.05x elsewhere.
-  The goals (>= 2x reference, >= 1.3x SDPA) hold at stages 1-3; stage 4 is borderline against the reference.
-* Fused-MBConv (channels_last, as the model feeds it): 1.1-1.6x (1.1-1.75x); the 1.5x goal holds only at some
-  shapes. A later run (2026-11-25 18:25, with the reference's 1x1 conv alone as ``pw_floor``): 1.08-1.99x, and
-  the 1x1 conv alone is 1.9-4.6x faster than the reference block, so the GEMM does not bound the goal: the rest
-  does. Measured there: our depthwise + GELU + pool pass costs about what oneDNN's depthwise conv plus ATen's
-  GELU cost (C = 64 at 56^2: ~3 ms each, batch 8); for the gated 1x1 with its residual, MKL's baddbmm on
-  per-image weights beat gating the activations and one GEMM (0.93-1.04x) and oneDNN's 1x1 conv with a fused
-  add (0.69-0.98x). Since then the fp32 channels_last 1x1 runs as one register-blocked pass with the residual
-  in its accumulators (``pw_residual_nhwc``): 1.05-1.14x the baddbmm path at 56^2..14^2 with C = 64 / 128,
-  unchanged at 112^2 and where H W < C (A/B in one process, 2 threads).
-* mlp_residual: 1.24-1.28x / 1.05-1.26x at stages 1-2 (row blocks), 1.0x at stages 3-4 (two GEMMs at peak
-  already); linear_residual_layernorm 1.08-1.2x at stages 1-2, 0.94-1.0x at 3-4 (GEMM-bound); linear_gelu
-  0.99-1.11x.
-* Whole model: see the README (fused 1.33-1.40x reference eager in three runs on 2026-11-25, 2 threads).
+* window attention vs the reference subgraph / vs SDPA with the bias as a mask: stage 1 (56^2, 7x7) 4.8-5.1x /
+  3.1-3.3x; stage 2 (28^2, 7x7) 2.0-2.1x / 1.5-1.6x; stage 3 (14^2, 14x14) 2.0-2.1x / 1.5x; stage 4 (7^2, 7x7)
+  1.6-1.7x / 1.3-1.5x. The goals (>= 2x reference, >= 1.3x SDPA) hold at stages 1-3, not at stage 4 against
+  the reference. Inside the model the kernel is about a quarter of the fused forward (replacing it by a free
+  stand-in: 24%).
+* Fused-MBConv (channels_last, as the model feeds it): 1.28-1.71x; 1.5x holds at 112^2 and 56^2 (C = 64) only.
+  Its own 1x1 conv (``pw_floor``) is 1.9-4.5x faster than the reference block, so the GEMM does not bound it.
+* mlp_residual 1.74x / 1.29x at stages 1-2 (row blocks), 1.04x / 0.97x at stages 3-4; linear_residual_layernorm
+  1.28x / 1.14x at stages 1-2, 0.93-0.96x at 3-4; linear_gelu 0.97-1.06x (the GEMMs dominate there).
+* Earlier, on AMD EPYC (AVX2; ``cpu-2core-2026-11-25-ops.json``): attention 2.3-3.1x / 1.6-2.7x at stages 1-3,
+  1.6-2.2x at stage 4; MBConv 1.08-1.99x.
+* Whole model: see the README.
 * Training: the backward ops are PyTorch math, slower than the reference's autograd (earlier session, 1-thread
   CPU time: attention 0.77-0.88x, MBConv ~0.9x), so CPU training runs the reference path (gcvit/dispatch.py).
 """
