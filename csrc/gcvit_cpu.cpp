@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <list>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
@@ -263,6 +264,74 @@ at::Tensor build_bias(const at::Tensor& table, int64_t heads, int64_t wh, int64_
   return bias;
 }
 
+// Built biases, kept by the table's contents (a hash, then an exact comparison: never a stale bias, whatever
+// happened to the table in between) and the window, most recently used first, up to BIAS_CACHE_BYTES. Every
+// call of the model's forward sees the same tables, so it reuses their biases instead of writing them again:
+// 1.06x the attention at the 14x14 stage (1.3 MB of bias per call), 1.12-1.14x at the 7x7 stage 4 (in-process
+// A/B, with the inference arena). Freed by arena_empty_cache (gcvit_kernels.cpu.arena_empty_cache).
+constexpr size_t BIAS_CACHE_BYTES = 64 << 20;
+
+class BiasCache {
+ public:
+  at::Tensor get(const at::Tensor& table, int64_t heads, int64_t wh, int64_t ww, int64_t np) {
+    const at::Tensor key = table.to(at::kFloat).contiguous();
+    const float* kp = key.data_ptr<float>();
+    const size_t n = key.numel();
+    uint64_t hash = 1469598103934665603ull ^ static_cast<uint64_t>((heads * 131 + wh) * 131 + ww) * 131 + np;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(kp);
+    for (size_t i = 0; i < n; ++i) hash = (hash ^ words[i]) * 1099511628211ull;
+    {
+      std::lock_guard<std::mutex> g(mutex_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it)
+        if (it->hash == hash && it->heads == heads && it->wh == wh && it->ww == ww && it->np == np &&
+            it->table.size() == n && std::memcmp(it->table.data(), kp, n * sizeof(float)) == 0) {
+          entries_.splice(entries_.begin(), entries_, it);
+          return it->bias;
+        }
+    }
+    at::Tensor bias = build_bias(key, heads, wh, ww, np);
+    const size_t bytes = bias.numel() * sizeof(float) + n * sizeof(float);
+    if (bytes <= BIAS_CACHE_BYTES) {
+      std::lock_guard<std::mutex> g(mutex_);
+      entries_.push_front({hash, heads, wh, ww, np, std::vector<float>(kp, kp + n), bias, bytes});
+      bytes_ += bytes;
+      while (bytes_ > BIAS_CACHE_BYTES) {
+        bytes_ -= entries_.back().bytes;
+        entries_.pop_back();
+      }
+    }
+    return bias;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> g(mutex_);
+    entries_.clear();
+    bytes_ = 0;
+  }
+
+  int64_t bytes() {
+    std::lock_guard<std::mutex> g(mutex_);
+    return static_cast<int64_t>(bytes_);
+  }
+
+  static BiasCache& get_instance() {
+    static BiasCache* cache = new BiasCache();  // never destroyed, like the arena its tensors may come from
+    return *cache;
+  }
+
+ private:
+  struct Entry {
+    uint64_t hash;
+    int64_t heads, wh, ww, np;
+    std::vector<float> table;
+    at::Tensor bias;
+    size_t bytes;
+  };
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+  size_t bytes_ = 0;
+};
+
 // the bias a thread's run of attention tasks keeps in L2 (about a quarter of a 1-2 MB L2)
 constexpr int64_t ATTN_BIAS_L2_BYTES = 384 * 1024;
 
@@ -422,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv, c
   auto lse = at::empty({T, heads, n}, qkv.options().dtype(at::kFloat));
   if (qkv.numel() == 0 || T == 0) return {out, lse};
   const int64_t np = round_up(n, VL);
-  auto bias = build_bias(table, heads, wh, ww, np);
+  auto bias = BiasCache::get_instance().get(table, heads, wh, ww, np);
   const float sc = static_cast<float>(scale * M_LOG2E);  // scores in log2 units, like the bias
   if (qkv.scalar_type() == at::kFloat)
     attn_fwd_impl<float>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
@@ -1116,6 +1185,7 @@ class InferenceArena final : public c10::Allocator {
   }
 
   void empty_cache() {
+    BiasCache::get_instance().clear();
     std::lock_guard<std::mutex> g(mutex_);
     trim(0);
   }
@@ -1188,5 +1258,6 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("arena_set_limit", [](int64_t bytes) { InferenceArena::get().set_limit(bytes); });
   m.def("arena_cached_bytes", []() { return InferenceArena::get().cached_bytes(); });
   m.def("arena_empty_cache", []() { InferenceArena::get().empty_cache(); });
+  m.def("bias_cache_bytes", []() { return BiasCache::get_instance().bytes(); });
   m.def("vec_size", &vec_size);
 }

@@ -18,8 +18,9 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
 
 * ``gcvit::window_attention_fwd`` -- C++ (fp32, bf16; other dtypes: PyTorch math).
   Per (window, head group) task: Q (scaled), K^T (8x8 register transposes), V packed from the qkv map into a
-  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered once per call from the table
-  into a (heads, N, Np) array; tasks run head-group-major with groups sized so a thread's bias stays in L2)
+  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered from the table into a
+  (heads, N, Np) array, kept by the table's contents for the next call, up to 64 MiB; tasks run head-group-major
+  with groups sized so a thread's bias stays in L2)
   with the row maxima taken in its epilogue, softmax in log2 units (a degree-6 exp2), P V, written straight
   into the (B, H, W, C) output; lse saved for the backward.
 * ``gcvit::window_attention_bwd`` -- PyTorch math from the saved lse (flash-attention style
@@ -226,7 +227,8 @@ def arena_cached_bytes() -> int:
 
 
 def arena_empty_cache() -> None:
-    """Return the inference arena's cached blocks to the system (tensors in use are not affected)."""
+    """Return the extension's cached memory to the system: the inference arena's free blocks and the attention
+    kernel's built biases (tensors in use are not affected)."""
     ext = load()
     if ext is not None:
         ext.arena_empty_cache()

@@ -215,6 +215,25 @@ def test_thread_count_invariance(dtype):
         assert torch.equal(r1, r2)
 
 
+def test_attention_bias_cache_follows_the_table_contents():
+    """The kernel keeps built biases by the table's contents: a table changed in place (also behind autograd's
+    back, through .data) gives the new bias; the cache stays bounded and arena_empty_cache frees it."""
+    qkv, table, _, scale = make_attention(2, 14, 7, 32, 2, 7, 7, False)
+    for change in (lambda t: t.add_(0.5), lambda t: t.data.mul_(-2.0), lambda t: t.data[3, 1].fill_(9.0)):
+        out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, None, 2, 7, 7, scale)
+        torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), None, scale))
+        change(table)
+        out, _ = torch.ops.gcvit.window_attention_fwd(qkv, table, None, 2, 7, 7, scale)
+        torch.testing.assert_close(out, ref.window_attention(qkv, table, 2, (7, 7), None, scale))
+    assert EXT.bias_cache_bytes() > 0
+    big_qkv = torch.randn(1, 32, 32, 3 * 4 * 8)
+    for i in range(6):  # 4 heads of a 32x32 window: 16 MiB of bias per table, over the 64 MiB bound after four
+        EXT.window_attention_fwd(big_qkv, torch.randn(63 * 63, 4), None, 4, 32, 32, 0.3)
+        assert (16 << 20) * min(i + 1, 3) <= EXT.bias_cache_bytes() <= 64 << 20
+    cpu.arena_empty_cache()
+    assert EXT.bias_cache_bytes() == 0
+
+
 def test_thread_count_invariance_backward():
     qkv, table, gq, scale = make_attention(2, 14, 14, 32, 2, 7, 7, True)
     x, ws = mbconv_inputs(2, 16, 9, 9)
