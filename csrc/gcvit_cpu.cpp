@@ -32,7 +32,6 @@
 
 #include <bit>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <list>
@@ -70,34 +69,38 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 // ordinary inputs, in-process A/B; a synthetic case with subnormal SE gates ran its 1x1 GEMM 3x slower.)
 constexpr float EXP2_FLUSH = -120.f;
 
-inline Vec exp2_nonpositive(const Vec& x) {
+// lane-wise max without NaN bookkeeping: maxps returns its 2nd operand when either is NaN (the softmax's NaN
+// scores still reach the output through their exp and the row sum; exp2_nonpositive keeps a NaN x)
+inline Vec max_lanes(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 v = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // maxps returns its 2nd operand for a NaN: kept
-  const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_sub_ps(v, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  return _mm256_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+inline Vec exp2_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const Vec v = max_lanes(Vec(-126.f), x);
+  const Vec n = v.round();
+  const Vec r = v - n;
+  Vec p(1.535336188319500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.339887440266574e-3f));
+  p = at::vec::fmadd(p, r, Vec(9.618437357674640e-3f));
+  p = at::vec::fmadd(p, r, Vec(5.550332471162809e-2f));
+  p = at::vec::fmadd(p, r, Vec(2.402264791363012e-1f));
+  p = at::vec::fmadd(p, r, Vec(6.931472028550421e-1f));
+  p = at::vec::fmadd(p, r, Vec(1.f));
+#if defined(CPU_CAPABILITY_AVX2)
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP2_FLUSH), _CMP_NLT_UQ);  // x >= EXP2_FLUSH or NaN
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-#elif defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-126.f), x);
-  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(v, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+#else
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP2_FLUSH), _CMP_NLT_UQ);  // x >= EXP2_FLUSH or NaN
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));  // p * 2^n in one instruction
+#endif
 #else
   return Vec::blendv((x * Vec(static_cast<float>(M_LN2))).exp_u20(), Vec(0.f), x < Vec(EXP2_FLUSH));
 #endif
@@ -119,20 +122,20 @@ inline Vec gelu_vec(const Vec& x) {
 
 inline float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * static_cast<float>(M_SQRT1_2))); }
 
+// row = gelu(row + bias) in place (bias optional), n floats
+inline void bias_gelu_row(float* row, const float* bias, int64_t n) {
+  int64_t j = 0;
+  for (; j + VL <= n; j += VL) {
+    Vec v = Vec::loadu(row + j);
+    if (bias) v = v + Vec::loadu(bias + j);
+    gelu_vec(v).store(row + j);
+  }
+  for (; j < n; ++j) row[j] = gelu_scalar(row[j] + (bias ? bias[j] : 0.f));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Window attention
 // ------------------------------------------------------------------------------------------------
-
-// lane-wise max without NaN bookkeeping (a NaN score still reaches the output through its exp and the row sum)
-inline Vec max_lanes(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
 
 // The register-blocked product under the attention and the 1x1 conv: acc[r][v] += sum_k a[r * lda + k] *
 // b[k * ldb + v * VL] for R rows and JV vectors of columns (R up to STRIP_ROWS, JV up to 2, see below).
@@ -883,16 +886,7 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const int64_t n = y.size(1);
   float* p = y.data_ptr<float>();
   for_rows(y.size(0), n, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = p + r * n;
-      int64_t j = 0;
-      for (; j + VL <= n; j += VL) {
-        Vec v = Vec::loadu(row + j);
-        if (bp) v = v + Vec::loadu(bp + j);
-        gelu_vec(v).store(row + j);
-      }
-      for (; j < n; ++j) row[j] = gelu_scalar(row[j] + (bp ? bp[j] : 0.f));
-    }
+    for (int64_t r = r0; r < r1; ++r) bias_gelu_row(p + r * n, bp, n);
   });
   return y;
 }
@@ -1095,16 +1089,7 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * MLP_BLOCK_ROWS, rows = std::min(MLP_BLOCK_ROWS, m - r0);
       gemm_rows(sgemm, xp + r0 * c, c, w1p, rows, hd, c, h, hd);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = h + r * hd;
-        int64_t j = 0;
-        for (; j + VL <= hd; j += VL) {
-          Vec v = Vec::loadu(row + j);
-          if (bp1) v = v + Vec::loadu(bp1 + j);
-          gelu_vec(v).store(row + j);
-        }
-        for (; j < hd; ++j) row[j] = gelu_scalar(row[j] + (bp1 ? bp1[j] : 0.f));
-      }
+      for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
       float* o = op + r0 * c;
       gemm_rows(sgemm, h, hd, w2p, rows, c, hd, o, c);
       for (int64_t r = 0; r < rows; ++r) residual_row(o + r * c, rp + (r0 + r) * rs, bp2, gp, c);
