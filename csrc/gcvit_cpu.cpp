@@ -47,6 +47,22 @@ constexpr int64_t VL = Vec::size();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// fp32 scratch from c10's allocator, 64-byte aligned (a whole AVX-512 vector load from a row start never splits a
+// cache line; std::vector's 16-byte alignment split every one), zero-filled
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(static_cast<float*>(c10::alloc_cpu(std::max<int64_t>(n, 1) * sizeof(float)))) {
+    std::fill(p_, p_ + n, 0.f);
+  }
+  ~Scratch() { c10::free_cpu(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() const { return p_; }
+
+ private:
+  float* p_;
+};
+
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
@@ -208,14 +224,12 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
     for_column_blocks(np / VL, [&](auto jv_c, int64_t j0) {
       constexpr int JV = decltype(jv_c)::value;
       Vec acc[R][JV];
-      zero(acc);
+      load_tile(acc, bias + i0 * np + j0, np);  // starts from the bias: the add costs nothing
       fma_block(q + i0 * d, d, kt + j0, np, d, acc);
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < JV; ++v) {
-          const int64_t col = j0 + v * VL;
-          const Vec sv = acc[r][v] + Vec::loadu(bias + (i0 + r) * np + col);
-          sv.store(s + r * np + col);
-          rmax[r] = max_lanes(rmax[r], sv);
+          acc[r][v].store(s + r * np + j0 + v * VL);
+          rmax[r] = max_lanes(rmax[r], acc[r][v]);
         }
     });
     for (int r = 0; r < R; ++r)
@@ -351,7 +365,7 @@ inline void transpose_keys(const float* k, int64_t np, int64_t d, float* kt) {
 // share their heads and those heads' bias (N x Np each) stays in L2 (all heads' bias, 1.3 MB at the 14x14 stage,
 // did not: reading it cost a fifth of the kernel there). Groups hold as many heads as fit ATTN_BIAS_L2_BYTES,
 // fewer when there are too few windows to keep every thread busy. Each token's qkv slice for the group is read
-// once, contiguously; the next window's slices are prefetched while this one computes. Every (window, head)
+// once, contiguously; the next task's slices are prefetched while this one computes. Every (window, head)
 // result is computed by the same arithmetic whatever the grouping, so results do not depend on the thread count.
 template <typename T>
 void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor* gq, int64_t heads, int64_t wh,
@@ -386,7 +400,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   };
 
   at::parallel_for(0, nw_total * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(hpg * n * d + VL), kbuf(hpg * np * d, 0.f), ktbuf(hpg * d * np), vbuf(hpg * n * dp, 0.f), sbuf(STRIP_ROWS * np),
+    Scratch qbuf(hpg * n * d + VL), kbuf(hpg * np * d), ktbuf(hpg * d * np), vbuf(hpg * n * dp), sbuf(STRIP_ROWS * np),
         obuf(n * dp), invbuf(n);
     float* sb = sbuf.data();
     float* ob = obuf.data();
@@ -408,18 +422,14 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         }
       }
       for (int64_t hl = 0; hl < h1 - h0; ++hl) transpose_keys(kbuf.data() + hl * np * d, np, d, ktbuf.data() + hl * d * np);
-      // prefetch the next task's qkv slices while this one computes
-      if (task + 1 < end) {
-        const int64_t wn = (task + 1) % nw_total, hn0 = (task + 1) / nw_total * hpg, hn1 = std::min(heads, hn0 + hpg);
-        const int64_t slice_bytes = (hn1 - hn0) * d * static_cast<int64_t>(sizeof(T));
-        for (int64_t t = 0; t < n; ++t) {
-          const T* px = token_ptr(wn, t);
-          for (int64_t part = 0; part < S; ++part) {
-            const char* p = reinterpret_cast<const char*>(px + part * C + hn0 * d);
-            for (int64_t off = 0; off < slice_bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
-          }
-        }
-      }
+      // the next task's qkv slices are prefetched a few tokens per strip while this one computes: issued in one
+      // burst before the compute, they stalled it (spread out: 1.03-1.10x the burst, in-process A/B, 2 threads)
+      const bool pf = task + 1 < end;
+      const int64_t wn = (task + 1) % nw_total, hn0 = (task + 1) / nw_total * hpg, hn1 = std::min(heads, hn0 + hpg);
+      const int64_t slice_bytes = (hn1 - hn0) * d * static_cast<int64_t>(sizeof(T));
+      const int64_t strips = (n + STRIP_ROWS - 1) / STRIP_ROWS;
+      const int64_t pf_per_strip = (n + (h1 - h0) * strips - 1) / ((h1 - h0) * strips);
+      int64_t pf_next = 0;
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t hl = h - h0;
         const float* qb = qbuf.data() + hl * n * d;
@@ -430,6 +440,13 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
           const int64_t rows = std::min<int64_t>(STRIP_ROWS, n - i0);
           float row_max[STRIP_ROWS];
           qk_strip(qb, rows, d, ktb, np, biasp + h * n * np, sb, i0, row_max);
+          for (int64_t k = 0; pf && k < pf_per_strip && pf_next < n; ++k, ++pf_next) {
+            const T* px = token_ptr(wn, pf_next);
+            for (int64_t part = 0; part < S; ++part) {
+              const char* p = reinterpret_cast<const char*>(px + part * C + hn0 * d);
+              for (int64_t off = 0; off < slice_bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+            }
+          }
           // softmax rows (unnormalised) in log2 units, keep 1/sum for the output
           for (int64_t ii = i0; ii < i0 + rows; ++ii) {
             float* row = sb + (ii - i0) * np;
