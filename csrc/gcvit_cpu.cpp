@@ -29,6 +29,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <bit>
 #include <cmath>
@@ -735,26 +736,103 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
   }
 }
 
-at::Tensor pw_residual_nhwc(const at::Tensor& x, const at::Tensor& t, const at::Tensor& pw, const at::Tensor& gate) {
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  // packed[b] (C, C): panel j0 holds (pw * gate[b])[j0 + jj, k] at j0 * C + k * width + jj
-  at::Tensor packed = at::empty({B, C, C}, x.options());
-  const float* pwp = pw.data_ptr<float>();  // (C_out, C_in) contiguous
-  const float* gp = gate.data_ptr<float>();
-  float* pk = packed.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t j0 = 0; j0 < C; j0 += PW_PANEL) {
-        const int64_t width = std::min(PW_PANEL, C - j0);
-        float* panel = pk + b * C * C + j0 * C;
-        for (int64_t k = 0; k < C; ++k)
-          for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = pwp[(j0 + jj) * C + k] * gp[b * C + k];
-      }
-  });
+// packed (C, C) = pw * gate as PW_PANEL-wide K-major panels: panel j0 holds (pw * gate)[j0 + jj, k] at
+// j0 * C + k * width + jj (pw: (C_out, C_in) contiguous, gate: one image's (C))
+inline void pack_gated_pw(const float* pw, const float* gate, int64_t C, float* packed) {
+  for (int64_t j0 = 0; j0 < C; j0 += PW_PANEL) {
+    const int64_t width = std::min(PW_PANEL, C - j0);
+    float* panel = packed + j0 * C;
+    for (int64_t k = 0; k < C; ++k)
+      for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = pw[(j0 + jj) * C + k] * gate[k];
+  }
+}
+
+// sum_i a[i] b[i] in a fixed order (one vector accumulator, then the tail)
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, acc) + tail;
+}
+
+// One image's Squeeze-Excite gate from its channel sums of t: gate = sigmoid(W2 gelu(W1 sums / HW)), W1 (R, C),
+// W2 (C, R) row-major; hidden is R floats of scratch
+inline void se_gate(const float* sums, int64_t HW, const float* w1, const float* w2, int64_t R, int64_t C,
+                    float* hidden, float* gate) {
+  const float inv_hw = 1.f / static_cast<float>(HW);
+  for (int64_t r = 0; r < R; ++r) hidden[r] = gelu_scalar(dot(w1 + r * C, sums, C) * inv_hw);
+  for (int64_t c = 0; c < C; ++c) gate[c] = 1.f / (1.f + std::exp(-dot(w2 + c * R, hidden, R)));
+}
+
+// One image's channel sums of t from its rows' sums (H, C), added in row order
+inline void sum_rows(const float* rows, int64_t H, int64_t C, float* sums) {
+  std::copy(rows, rows + C, sums);
+  for (int64_t y = 1; y < H; ++y)
+    for (int64_t c = 0; c < C; ++c) sums[c] += rows[y * C + c];
+}
+
+// a core's L2 in bytes (sysconf; 1 MiB when the system does not say)
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// The fp32 channels_last Fused-MBConv with C a whole number of vectors and H W >= C. When there is an image per
+// thread and an image's x and t fit a core's L2, each task runs one image through every step (dw + GELU rows,
+// channel sums, gate, gated weights, 1x1 + residual): t, its sums and the weights never leave the core and x is
+// read from memory once (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64 with a 2 MB L2;
+// in-process A/B, batch 8, 2 threads). Otherwise each step runs over all images (rows of the map, then pixel
+// chunks). Both run the same arithmetic on every element, so the choice never changes a bit.
+at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at::Tensor& w1, const at::Tensor& w2,
+                            const at::Tensor& pw) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, R = w1.size(0);
+  const float* xp = x.data_ptr<float>();  // memory (B, H, W, C)
+  const float* wp = w9t.data_ptr<float>();
+  const float* w1p = w1.data_ptr<float>();
+  const float* w2p = w2.data_ptr<float>();
+  const float* pwp = pw.data_ptr<float>();
   at::Tensor out = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
-  const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
+  const int64_t image_bytes = 2 * HW * C * static_cast<int64_t>(sizeof(float));
+  if (B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(C * C);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t y = 0; y < H; ++y)
+          dw_gelu_row_nhwc(xp, wp, H, W, C, b, y, t.data() + y * W * C, rows.data() + y * C);
+        sum_rows(rows.data(), H, C, sums.data());
+        se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gate.data());
+        pack_gated_pw(pwp, gate.data(), C, packed.data());
+        pw_residual_rows(t.data(), xp + b * HW * C, packed.data(), op + b * HW * C, HW, C);
+      }
+    });
+    return out;
+  }
+  at::Tensor t = at::empty({B, HW, C}, x.options());
+  at::Tensor rows = at::empty({B, H, C}, x.options());
+  at::Tensor gate = at::empty({B, C}, x.options());
+  at::Tensor packed = at::empty({B, C, C}, x.options());
+  float* tp = t.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  float* gp = gate.data_ptr<float>();
+  float* pk = packed.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t by = begin; by < end; ++by)
+      dw_gelu_row_nhwc(xp, wp, H, W, C, by / H, by % H, tp + by * W * C, rp + by * C);
+  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch sums(C), hidden(R);
+    for (int64_t b = b0; b < b1; ++b) {
+      sum_rows(rp + b * H * C, H, C, sums.data());
+      se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gp + b * C);
+      pack_gated_pw(pwp, gp + b * C, C, pk + b * C * C);
+    }
+  });
   const int64_t tasks_per_image = (HW + PW_PIXELS_PER_TASK - 1) / PW_PIXELS_PER_TASK;
   at::parallel_for(0, B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -786,13 +864,20 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor xc = x.contiguous(fmt);
-  at::Tensor t = at::empty_like(xc, xc.options(), fmt);
-  at::Tensor sums = at::empty({B, C}, x.options().dtype(at::kFloat));
   at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
+  at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C}).contiguous();
+  at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R}).contiguous();
+  at::Tensor w9t;
   if (cl) {
     const int64_t Cp = round_up(C, VL);
-    at::Tensor w9t = at::zeros({9, Cp}, w9.options());
+    w9t = at::zeros({9, Cp}, w9.options());
     w9t.narrow(1, 0, C).copy_(w9.t());
+    if (x.scalar_type() == at::kFloat && Cp == C && H * W >= C)
+      return mbconv_nhwc_fp32(xc, w9t, w1, w2, pw.to(at::kFloat).reshape({C, C}).contiguous());
+  }
+  at::Tensor t = at::empty_like(xc, xc.options(), fmt);
+  at::Tensor sums = at::empty({B, C}, x.options().dtype(at::kFloat));
+  if (cl) {
     if (x.scalar_type() == at::kFloat)
       dw_gelu_pool_nhwc<float>(xc, w9t, t, sums);
     else
@@ -805,8 +890,6 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   }
   // gate (B, C) = sigmoid(W2 gelu(W1 mean)), fp32
   at::Tensor mean = sums.div(static_cast<double>(H * W));
-  at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C});
-  at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R});
   at::Tensor gate = at::gelu(mean.mm(w1.t())).mm(w2.t()).sigmoid();
   if (H * W < C) {
     // small maps: scaling t (C * HW per image) is cheaper than folding the gate into weights (C * C)
@@ -820,8 +903,6 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
     at::Tensor y = xc.view({B, C, H * W}).baddbmm(wt.expand({B, C, C}), t.view({B, C, H * W}));
     return y.view({B, C, H, W});
   }
-  if (cl && x.scalar_type() == at::kFloat && C % VL == 0)
-    return pw_residual_nhwc(xc, t, pw.to(at::kFloat).reshape({C, C}).contiguous(), gate.contiguous());
   // fold the gate into the 1x1 conv weight per image: Wb[o, i] = pw[o, i] * gate[b, i]
   at::Tensor wf = pw.to(at::kFloat).reshape({1, C, C}).mul(gate.unsqueeze(1)).to(x.scalar_type());
   if (cl) {
