@@ -736,15 +736,25 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
   }
 }
 
-// packed (C, C) = pw * gate as PW_PANEL-wide K-major panels: panel j0 holds (pw * gate)[j0 + jj, k] at
-// j0 * C + k * width + jj (pw: (C_out, C_in) contiguous, gate: one image's (C))
-inline void pack_gated_pw(const float* pw, const float* gate, int64_t C, float* packed) {
-  for (int64_t j0 = 0; j0 < C; j0 += PW_PANEL) {
-    const int64_t width = std::min(PW_PANEL, C - j0);
-    float* panel = packed + j0 * C;
-    for (int64_t k = 0; k < C; ++k)
-      for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = pw[(j0 + jj) * C + k] * gate[k];
+// packed (C, C) = pw * gate (gate: one image's (C), or none) as PW_PANEL-wide K-major panels: panel j0 holds
+// (pw * gate)[j0 + jj, k] at j0 * C + k * width + jj (pw: (C_out, C_in) contiguous)
+inline void pack_pw(const float* pw, const float* gate, int64_t C, float* packed, int64_t j0) {
+  const int64_t width = std::min(PW_PANEL, C - j0);
+  float* panel = packed + j0 * C;
+  for (int64_t k = 0; k < C; ++k) {
+    const float g = gate ? gate[k] : 1.f;
+    for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = pw[(j0 + jj) * C + k] * g;
   }
+}
+
+inline void pack_gated_pw(const float* pw, const float* gate, int64_t C, float* packed) {
+  for (int64_t j0 = 0; j0 < C; j0 += PW_PANEL) pack_pw(pw, gate, C, packed, j0);
+}
+
+// t[p, :] *= gate for npix rows of C floats
+inline void gate_rows(float* t, const float* gate, int64_t npix, int64_t C) {
+  for (int64_t p = 0; p < npix; ++p)
+    for (int64_t c = 0; c < C; c += VL) (Vec::loadu(t + p * C + c) * Vec::loadu(gate + c)).store(t + p * C + c);
 }
 
 // sum_i a[i] b[i] in a fixed order (one vector accumulator, then the tail)
@@ -782,15 +792,22 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// The fp32 channels_last Fused-MBConv with C a whole number of vectors and H W >= C. When there is an image per
-// thread and an image's x and t fit a core's L2, each task runs one image through every step (dw + GELU rows,
-// channel sums, gate, gated weights, 1x1 + residual): t, its sums and the weights never leave the core and x is
-// read from memory once (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64 with a 2 MB L2;
-// in-process A/B, batch 8, 2 threads). Otherwise each step runs over all images (rows of the map, then pixel
-// chunks). Both run the same arithmetic on every element, so the choice never changes a bit.
+// The 1x1 pass streams its packed weights through once per strip of pixels: with one weight for all images (the
+// gate in t) up to this size; beyond it, MKL's blocked GEMM is faster (C = 256: 1.10x MKL's addmm path, C = 512:
+// 0.90x, in-process A/B, batch 8, 2 threads)
+constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
+
+// The fp32 channels_last Fused-MBConv with C a whole number of vectors. The gate goes into the 1x1 weights, packed
+// per image, or, on maps with H W < C, into t (C H W per image instead of C^2), with the weights packed once.
+// When there is an image per thread and an image's x and t fit a core's L2, each task runs one image through
+// every step (dw + GELU rows, channel sums, gate, 1x1 + residual): t, its sums and the weights never leave the
+// core and x is read from memory once (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64
+// with a 2 MB L2; in-process A/B, batch 8, 2 threads). Otherwise each step runs over all images (rows of the map,
+// then pixel chunks). Both run the same arithmetic on every element, so the choice never changes a bit.
 at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at::Tensor& w1, const at::Tensor& w2,
                             const at::Tensor& pw) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, R = w1.size(0);
+  const bool gate_t = HW < C;
   const float* xp = x.data_ptr<float>();  // memory (B, H, W, C)
   const float* wp = w9t.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
@@ -798,17 +815,26 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   const float* pwp = pw.data_ptr<float>();
   at::Tensor out = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
   float* op = out.data_ptr<float>();
+  at::Tensor shared = at::empty({gate_t ? C * C : 0}, x.options());  // the ungated weights, when t takes the gate
+  float* shp = shared.data_ptr<float>();
+  if (gate_t)
+    at::parallel_for(0, (C + PW_PANEL - 1) / PW_PANEL, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, p * PW_PANEL);
+    });
   const int64_t image_bytes = 2 * HW * C * static_cast<int64_t>(sizeof(float));
   if (B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(C * C);
+      Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(gate_t ? 0 : C * C);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t y = 0; y < H; ++y)
           dw_gelu_row_nhwc(xp, wp, H, W, C, b, y, t.data() + y * W * C, rows.data() + y * C);
         sum_rows(rows.data(), H, C, sums.data());
         se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gate.data());
-        pack_gated_pw(pwp, gate.data(), C, packed.data());
-        pw_residual_rows(t.data(), xp + b * HW * C, packed.data(), op + b * HW * C, HW, C);
+        if (gate_t)
+          gate_rows(t.data(), gate.data(), HW, C);
+        else
+          pack_gated_pw(pwp, gate.data(), C, packed.data());
+        pw_residual_rows(t.data(), xp + b * HW * C, gate_t ? shp : packed.data(), op + b * HW * C, HW, C);
       }
     });
     return out;
@@ -816,7 +842,7 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   at::Tensor t = at::empty({B, HW, C}, x.options());
   at::Tensor rows = at::empty({B, H, C}, x.options());
   at::Tensor gate = at::empty({B, C}, x.options());
-  at::Tensor packed = at::empty({B, C, C}, x.options());
+  at::Tensor packed = at::empty({gate_t ? 0 : B * C * C}, x.options());
   float* tp = t.data_ptr<float>();
   float* rp = rows.data_ptr<float>();
   float* gp = gate.data_ptr<float>();
@@ -830,15 +856,16 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
     for (int64_t b = b0; b < b1; ++b) {
       sum_rows(rp + b * H * C, H, C, sums.data());
       se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gp + b * C);
-      pack_gated_pw(pwp, gp + b * C, C, pk + b * C * C);
+      if (!gate_t) pack_gated_pw(pwp, gp + b * C, C, pk + b * C * C);
     }
   });
   const int64_t tasks_per_image = (HW + PW_PIXELS_PER_TASK - 1) / PW_PIXELS_PER_TASK;
   at::parallel_for(0, B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * PW_PIXELS_PER_TASK;
-      const int64_t off = (b * HW + p0) * C;
-      pw_residual_rows(tp + off, xp + off, pk + b * C * C, op + off, std::min(HW, p0 + PW_PIXELS_PER_TASK) - p0, C);
+      const int64_t npix = std::min(HW, p0 + PW_PIXELS_PER_TASK) - p0, off = (b * HW + p0) * C;
+      if (gate_t) gate_rows(tp + off, gp + b * C, npix, C);
+      pw_residual_rows(tp + off, xp + off, gate_t ? shp : pk + b * C * C, op + off, npix, C);
     }
   });
   return out;
@@ -872,7 +899,7 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
     const int64_t Cp = round_up(C, VL);
     w9t = at::zeros({9, Cp}, w9.options());
     w9t.narrow(1, 0, C).copy_(w9.t());
-    if (x.scalar_type() == at::kFloat && Cp == C && H * W >= C)
+    if (x.scalar_type() == at::kFloat && Cp == C && (H * W >= C || C * C * sizeof(float) <= PW_SHARED_MAX_BYTES))
       return mbconv_nhwc_fp32(xc, w9t, w1, w2, pw.to(at::kFloat).reshape({C, C}).contiguous());
   }
   at::Tensor t = at::empty_like(xc, xc.options(), fmt);

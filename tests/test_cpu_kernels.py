@@ -201,8 +201,9 @@ def test_thread_count_invariance(dtype):
     qkv, table, gq, scale = make_attention(3, 21, 14, 36, 3, 7, 7, True, dtype=dtype)
     x, ws = mbconv_inputs(3, 24, 9, 7, dtype=dtype)  # 189 pixels: 4 tasks of the 1x1 pass per image
     xl = x.to(memory_format=torch.channels_last)
-    # fp32 whole vectors of channels: one image with 2 threads runs step by step, with 1 thread as a whole-image task
-    x1, ws1 = mbconv_inputs(1, 32, 9, 7, dtype=dtype, channels_last=True)
+    # fp32 whole vectors of channels: one image with 2 threads runs step by step, with 1 thread as a whole-image
+    # task, with the gate in the 1x1 weights (63 pixels) and in t (15 pixels < 32 channels)
+    one_image = [mbconv_inputs(1, 32, h, w, dtype=dtype, channels_last=True) for h, w in ((9, 7), (3, 5))]
     results = []
     for n in (1, 2):
         with num_threads(n):
@@ -212,7 +213,8 @@ def test_thread_count_invariance(dtype):
             # one window, 3 heads: with 2 threads the heads are split over tasks, with 1 they are not
             c = torch.ops.gcvit.window_attention_fwd(qkv[:1, :7, :7, : 3 * 36], table, None, 3, 7, 7, scale)
             results.append((*a, *b, *c, torch.ops.gcvit.fused_mbconv_fwd(x, *ws),
-                            torch.ops.gcvit.fused_mbconv_fwd(xl, *ws), torch.ops.gcvit.fused_mbconv_fwd(x1, *ws1)))
+                            torch.ops.gcvit.fused_mbconv_fwd(xl, *ws),
+                            *(torch.ops.gcvit.fused_mbconv_fwd(x1, *ws1) for x1, ws1 in one_image)))
     for r1, r2 in zip(*results):
         assert torch.equal(r1, r2)
 
