@@ -67,9 +67,13 @@ class Scratch {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
+// dst = (src + bias) * mul over n values (bias optional)
 template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n, float mul) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+inline void load_row(const T* src, float* dst, int64_t n, float mul, const float* bias = nullptr) {
+  if (bias)
+    for (int64_t i = 0; i < n; ++i) dst[i] = (static_cast<float>(src[i]) + bias[i]) * mul;
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
 }
 
 template <typename T>
@@ -370,7 +374,7 @@ inline void transpose_keys(const float* k, int64_t np, int64_t d, float* kt) {
 // result is computed by the same arithmetic whatever the grouping, so results do not depend on the thread count.
 template <typename T>
 void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor* gq, int64_t heads, int64_t wh,
-                   int64_t ww, float scale, at::Tensor& out, at::Tensor& lse) {
+                   int64_t ww, float scale, const float* qkv_bias, at::Tensor& out, float* lsep) {
   const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2);
   const int64_t S = gq ? 2 : 3;
   const int64_t C = qkv.size(3) / S;
@@ -387,12 +391,15 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   const T* gbase = gq ? gq->data_ptr<T>() : nullptr;
   const float* biasp = bias.data_ptr<float>();
   T* outp = out.data_ptr<T>();
-  float* lsep = lse.data_ptr<float>();
   const int64_t nthreads = at::get_num_threads();
   const int64_t bias_bytes = n * np * static_cast<int64_t>(sizeof(float));
   int64_t groups = std::max<int64_t>(1, std::min<int64_t>(heads, (heads * bias_bytes + ATTN_BIAS_L2_BYTES - 1) / ATTN_BIAS_L2_BYTES));
   if (nw_total * groups < 4 * nthreads) groups = std::min<int64_t>(heads, (4 * nthreads + nw_total - 1) / nw_total);
   const int64_t hpg = (heads + groups - 1) / groups;  // heads per group
+  // the qkv projection's bias, added as q, k, v are loaded (the global query has none)
+  const float* qbias = qkv_bias && !gq ? qkv_bias : nullptr;
+  const float* kbias = qkv_bias ? qkv_bias + (S - 2) * C : nullptr;
+  const float* vbias = qkv_bias ? qkv_bias + (S - 1) * C : nullptr;
 
   auto token_ptr = [&](int64_t w, int64_t t) {
     const int64_t b = w / nwin, r = w % nwin, wy = r / nwx, wx = r % nwx;
@@ -417,9 +424,9 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
         const T* qrow = gq ? gbase + ((w / per_g) * n + t) * C : px;
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t hl = h - h0;
-          load_row(qrow + h * d, qbuf.data() + (hl * n + t) * d, d, scale);
-          load_row(px + (S - 2) * C + h * d, kbuf.data() + (hl * np + t) * d, d, 1.f);
-          load_row(px + (S - 1) * C + h * d, vbuf.data() + (hl * n + t) * dp, d, 1.f);
+          load_row(qrow + h * d, qbuf.data() + (hl * n + t) * d, d, scale, qbias ? qbias + h * d : nullptr);
+          load_row(px + (S - 2) * C + h * d, kbuf.data() + (hl * np + t) * d, d, 1.f, kbias ? kbias + h * d : nullptr);
+          load_row(px + (S - 1) * C + h * d, vbuf.data() + (hl * n + t) * dp, d, 1.f, vbias ? vbias + h * d : nullptr);
         }
       }
       for (int64_t hl = 0; hl < h1 - h0; ++hl) transpose_keys(kbuf.data() + hl * np * d, np, d, ktbuf.data() + hl * d * np);
@@ -461,7 +468,7 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
             }
             const float ssum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
             invp[ii] = 1.f / ssum;
-            lsep[(w * heads + h) * n + ii] = (m + std::log2(ssum)) * static_cast<float>(M_LN2);
+            if (lsep) lsep[(w * heads + h) * n + ii] = (m + std::log2(ssum)) * static_cast<float>(M_LN2);
           }
           pv_strip(sb, np, n, vb, dp, ob, i0, rows);
         }
@@ -477,9 +484,13 @@ void attn_fwd_impl(const at::Tensor& qkv, const at::Tensor& bias, const at::Tens
   });
 }
 
+// out (B, H, W, C) and, with need_lse, the softmax's log-sum-exp (windows, heads, N) for the backward. qkv_bias
+// (S*C float32, fp32 qkv only), when given, is the qkv projection's bias, not yet in qkv: the kernel adds it as it
+// loads q, k and v, so the projection runs as a plain GEMM (inference: no bias copy into the output first).
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv, const at::Tensor& table,
                                              const c10::optional<at::Tensor>& global_query, int64_t heads,
-                                             int64_t wh, int64_t ww, double scale) {
+                                             int64_t wh, int64_t ww, double scale,
+                                             const c10::optional<at::Tensor>& qkv_bias, bool need_lse) {
   TORCH_CHECK(qkv.device().is_cpu(), "gcvit cpu window_attention_fwd: qkv must be a CPU tensor");
   TORCH_CHECK(qkv.dim() == 4, "gcvit cpu window_attention_fwd: qkv must be (B, H, W, S*C), got ", qkv.sizes());
   TORCH_CHECK(qkv.stride(3) == 1, "gcvit cpu window_attention_fwd: qkv's last dim must have stride 1");
@@ -508,16 +519,24 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv, c
     TORCH_CHECK(T % gq.size(0) == 0, "gcvit cpu window_attention_fwd: ", T, " windows not divisible by G = ",
                 gq.size(0));
   }
+  const bool with_bias = qkv_bias.has_value() && qkv_bias->defined();
+  if (with_bias)
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv_bias->scalar_type() == at::kFloat && qkv_bias->dim() == 1 &&
+                    qkv_bias->size(0) == S * C && qkv_bias->is_contiguous(),
+                "gcvit cpu window_attention_fwd: qkv_bias must be a contiguous float32 (", S * C,
+                ") with float32 qkv, got ", qkv_bias->scalar_type(), " ", qkv_bias->sizes());
   auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2), C}, qkv.options());
-  auto lse = at::empty({T, heads, n}, qkv.options().dtype(at::kFloat));
+  auto lse = at::empty({need_lse ? T : 0, heads, n}, qkv.options().dtype(at::kFloat));
   if (qkv.numel() == 0 || T == 0) return {out, lse};
+  const float* qb = with_bias ? qkv_bias->data_ptr<float>() : nullptr;
+  float* lsep = need_lse ? lse.data_ptr<float>() : nullptr;
   const int64_t np = round_up(n, VL);
   auto bias = BiasCache::get_instance().get(table, heads, wh, ww, np);
   const float sc = static_cast<float>(scale * M_LOG2E);  // scores in log2 units, like the bias
   if (qkv.scalar_type() == at::kFloat)
-    attn_fwd_impl<float>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
+    attn_fwd_impl<float>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, qb, out, lsep);
   else
-    attn_fwd_impl<c10::BFloat16>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, out, lse);
+    attn_fwd_impl<c10::BFloat16>(qkv, bias, global ? &gq : nullptr, heads, wh, ww, sc, qb, out, lsep);
   return {out, lse};
 }
 
@@ -1355,7 +1374,8 @@ std::string capability() {
 }  // namespace
 
 TORCH_LIBRARY(gcvit_cpu, m) {
-  m.def("window_attention_fwd", &window_attention_fwd);
+  m.def("window_attention_fwd(Tensor qkv, Tensor table, Tensor? global_query, int heads, int wh, int ww, float scale, "
+        "Tensor? qkv_bias=None, bool need_lse=True) -> (Tensor, Tensor)", &window_attention_fwd);
   m.def("fused_mbconv_fwd", &fused_mbconv_fwd);
   m.def("linear_gelu", &linear_gelu);
   m.def("mlp_residual", &mlp_residual);

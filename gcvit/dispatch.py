@@ -75,7 +75,8 @@ class Fused(NamedTuple):
 
 
 _OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"),
-        ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"), ("cpu", "layer_norm"))
+        ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"), ("cpu", "layer_norm"),
+        ("cpu", "window_attention_inference"))
 # (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
 # torch.compile traces only a dict lookup, never an import or a C++ build.
 _resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
@@ -144,15 +145,22 @@ def _attention_before_projection(attn, x: torch.Tensor, global_query: Optional[t
     if reason is not None:
         warn_once("window attention", reason)
         return None
+    # CPU fp32 inference: the qkv projection without its bias, which the kernel adds as it loads q, k, v
+    inference = _backend("cpu", "window_attention_inference", x.device).op if _cpu_fp32_inference(attn, x) else None
+    qkv_bias = attn.qkv.bias if inference is not None else None
     # the projections are per token, so they run on the whole map and the kernel reads windows in place
-    qkv = attn.qkv(x)
+    qkv = F.linear(x, attn.qkv.weight) if inference is not None else attn.qkv(x)
     table = attn.rel_pos.relative_position_bias_table.to(qkv.dtype)
     if global_query is not None:  # one per image, tiny: make it the dense (B, wh, ww, C) the kernels index
         global_query = global_query.to(qkv.dtype).contiguous()
     reason = fused.unsupported_reason(qkv, table, attn.num_heads, attn.window_size, global_query)
     if reason is None:
+        if inference is not None:
+            return inference(qkv, qkv_bias, table, attn.num_heads, attn.window_size, global_query, attn.scale)
         return fused.op(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
     warn_once("window attention", reason)
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias
     return ref.window_attention(qkv, table, attn.num_heads, attn.window_size, global_query, attn.scale)
 
 

@@ -373,6 +373,44 @@ def _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_
     return _attention_fwd_torch(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale)
 
 
+@torch.library.custom_op("gcvit::window_attention_inference", mutates_args=(), device_types="cpu")
+def _window_attention_inference_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
+                                   rel_pos_bias_table: torch.Tensor, global_query: Optional[torch.Tensor],
+                                   num_heads: int, window_h: int, window_w: int, scale: float) -> torch.Tensor:
+    _check_attention_args(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w)
+    if qkv_bias is not None and (tuple(qkv_bias.shape) != (qkv.shape[-1],) or qkv_bias.device != qkv.device):
+        raise ValueError(f"qkv_bias must be ({qkv.shape[-1]},) on {qkv.device}, got {tuple(qkv_bias.shape)} on "
+                         f"{qkv_bias.device}")
+    if _use_kernel(qkv, qkv_bias, global_query):
+        gq = None if global_query is None else global_query.contiguous()
+        bias = None if qkv_bias is None else qkv_bias.contiguous()
+        return load().window_attention_fwd(qkv, rel_pos_bias_table, gq, num_heads, window_h, window_w, float(scale),
+                                           bias, False)[0]
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias.to(qkv.dtype)
+    return _attention_fwd_torch(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale)[0]
+
+
+@_window_attention_inference_op.register_fake
+def _window_attention_inference_fake(qkv, qkv_bias, rel_pos_bias_table, global_query, num_heads, window_h, window_w,
+                                     scale):
+    return qkv.new_empty((*qkv.shape[:3], qkv.shape[-1] // (2 if global_query is not None else 3)))
+
+
+def window_attention_inference(qkv, qkv_bias, rel_pos_bias_table, num_heads, window_size, global_query=None,
+                               scale=None):
+    """Inference window attention (no backward, no lse) on a qkv map that lacks its projection's bias:
+    ``window_attention(qkv + qkv_bias, ...)``, with the bias added as the kernel loads q, k and v, so the qkv
+    projection runs as a plain GEMM (no bias copied into its output first). qkv (B, H, W, S*C), qkv_bias (S*C,)
+    or None; the rest as ``gcvit_kernels.window_attention.window_attention``. fp32 CPU tensors run the C++
+    kernel, anything else the PyTorch math."""
+    window_h, window_w = window_size
+    if scale is None:
+        scale = (qkv.shape[-1] // (2 if global_query is not None else 3) // num_heads) ** -0.5
+    return torch.ops.gcvit.window_attention_inference(qkv, qkv_bias, rel_pos_bias_table, global_query, num_heads,
+                                                      window_h, window_w, float(scale))
+
+
 def _attention_bwd_cpu(grad_out, qkv, rel_pos_bias_table, global_query, out, lse, num_heads, window_h, window_w,
                        scale, deterministic):
     """PyTorch math, recomputing the softmax from the inputs (exact in the compute dtype; deterministic)."""

@@ -77,6 +77,26 @@ def test_attention_forward_fp32(case, is_global):
     assert torch.equal(out, direct)
 
 
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("is_global", [False, True], ids=["local", "global"])
+def test_attention_inference_adds_the_qkv_bias(case, is_global):
+    """window_attention_inference(qkv, b) is window attention of qkv + b, the bias added by the kernel on load."""
+    b, h, w, c, heads, wh, ww = case
+    qkv, table, gq, scale = make_attention(b, h, w, c, heads, wh, ww, is_global, padded=(b == 3))
+    qkv_bias = torch.randn(qkv.shape[-1])
+    expected = ref.window_attention(qkv + qkv_bias, table, heads, (wh, ww), gq, scale)
+    out = cpu.window_attention_inference(qkv, qkv_bias, table, heads, (wh, ww), gq, scale)
+    torch.testing.assert_close(out, expected, atol=ATOL32, rtol=RTOL32)
+    out_nobias = cpu.window_attention_inference(qkv, None, table, heads, (wh, ww), gq, scale)
+    assert torch.equal(out_nobias, torch.ops.gcvit.window_attention_fwd(qkv, table, gq, heads, wh, ww, scale)[0])
+    # other dtypes run the PyTorch math, the bias included
+    out64 = cpu.window_attention_inference(qkv.double(), qkv_bias.double(), table.double(), heads, (wh, ww),
+                                           None if gq is None else gq.double(), scale)
+    torch.testing.assert_close(out64.float(), expected, atol=ATOL32, rtol=RTOL32)
+    with pytest.raises(ValueError, match="qkv_bias must be"):
+        cpu.window_attention_inference(qkv, qkv_bias[1:], table, heads, (wh, ww), gq, scale)
+
+
 def test_attention_nan_reaches_the_same_outputs_as_the_reference():
     # a NaN key poisons every query of its window and head, and nothing else (no silent 0 from the exp's clamp)
     qkv, table, _, scale = make_attention(2, 14, 14, 64, 2, 7, 7, False)
