@@ -536,6 +536,10 @@ def test_cpu_only_ops_opcheck():
               (torch.ops.gcvit.linear_residual_layernorm, (x, w2[:, :8].contiguous(), b2, residual, g, ln_weight,
                                                            ln_bias, 1e-5)),
               (torch.ops.gcvit.layer_norm, (x, ln_weight, ln_bias, 1e-5))]
+    for is_global in (False, True):
+        qkv, table, gq, scale = make_attention(2, 14, 7, 32, 2, 7, 7, is_global)
+        checks.append((torch.ops.gcvit.window_attention_inference,
+                       (qkv, torch.randn(qkv.shape[-1]), table, gq, 2, 7, 7, scale)))
     for op, args in checks:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
 
