@@ -1,6 +1,6 @@
 """CPU benchmarks of the C++ kernels (gcvit_kernels.cpu) at gcvit_tiny's shapes, batch 8, fp32.
 
-Run:  pytest benchmarks/test_bench_cpu.py --benchmark-only -s   (a few minutes on 2 cores)
+Run:  pytest benchmarks/test_bench_cpu.py --benchmark-only -s   (about a minute on 2 cores)
 
 Each case times, interleaved in the same run:
 * ``ours``: the op ``torch.ops.gcvit.*`` on CPU (the C++ kernel),
@@ -9,9 +9,10 @@ Each case times, interleaved in the same run:
   mask + window reverse (the global query repeated per window, as an SDPA user would),
 * ``pw_floor`` (MBConv only): the reference's 1x1 conv alone on the same map, the GEMM every implementation
   keeps; ``ceiling_ref`` = ref / pw_floor bounds the speed-up of any fusion of the rest.
-Two measures go into ``extra_info``: wall-clock medians with the default thread count (``*_ms``,
-``ratio_*``) and, because this machine is shared and wall clock is noisy under load, single-thread CPU
-time minima (``*_cpu1t_ms``, ``ratio_*_cpu1t``), which contention does not inflate.
+Two measures go into ``extra_info``: wall clock with the default thread count over 25 interleaved rounds
+(``*_ms`` medians; ``ratio_*`` the median of each round's ratio, so the VM's drift within a run cancels) and,
+because this machine is shared and wall clock is noisy under load, single-thread CPU time minima over 5 rounds
+(``*_cpu1t_ms``, ``ratio_*_cpu1t``), which contention does not inflate.
 Goals (brief): attention >= 2x ref and >= 1.3x SDPA; MBConv >= 1.5x ref. ``goal_met`` records it.
 The block-epilogue ops (linear_gelu, mlp_residual, linear_residual_layernorm) have no goal of their own; they
 are timed against the reference ops they replace.
@@ -37,7 +38,8 @@ MBCONV_SHAPES = [(64, 112), (64, 56), (64, 28), (64, 14), (128, 28), (128, 14), 
 TOKEN_STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
 
-def _interleaved(fns, rounds, clock, threads=None, reduce=None):
+def _interleaved(fns, rounds, clock, threads=None):
+    """Per-round times (seconds) of each callable, the callables run in turn within each round."""
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -52,7 +54,7 @@ def _interleaved(fns, rounds, clock, threads=None, reduce=None):
                 times[i].append(clock() - t0)
     finally:
         torch.set_num_threads(old)
-    return [reduce(t) * 1e3 for t in times]
+    return times
 
 
 def _median(t):
@@ -60,22 +62,26 @@ def _median(t):
     return t[len(t) // 2]
 
 
-def compare(benchmark, named, rounds=5, cpu_rounds=3):
-    """Time the named callables interleaved; the first is ours. Fills extra_info, returns wall medians."""
+def compare(benchmark, named, rounds=25, cpu_rounds=5):
+    """Time the named callables interleaved; the first is ours. Fills extra_info, returns wall medians.
+
+    ``ratio_<name>``: the median over rounds of that round's <name> time / ours (paired within a round, so the
+    VM's drift over a run cancels); ``*_ms``: medians. ``*_cpu1t``: single-thread CPU time, minima over rounds."""
     names, fns = zip(*named)
-    wall = _interleaved(fns, rounds, time.perf_counter, reduce=_median)
-    cpu1 = _interleaved(fns, cpu_rounds, time.process_time, threads=1, reduce=min)
+    wall = _interleaved(fns, rounds, time.perf_counter)
+    cpu1 = _interleaved(fns, cpu_rounds, time.process_time, threads=1)
     info = benchmark.extra_info
     info["threads"] = torch.get_num_threads()
+    info["rounds"] = rounds
     for n, w, c in zip(names, wall, cpu1):
-        info[f"{n}_ms"] = round(w, 3)
-        info[f"{n}_cpu1t_ms"] = round(c, 3)
+        info[f"{n}_ms"] = round(_median(w) * 1e3, 3)
+        info[f"{n}_cpu1t_ms"] = round(min(c) * 1e3, 3)
     for n, w, c in zip(names[1:], wall[1:], cpu1[1:]):
-        info[f"ratio_{n}"] = round(w / wall[0], 3)
-        info[f"ratio_{n}_cpu1t"] = round(c / cpu1[0], 3)
+        info[f"ratio_{n}"] = round(_median([a / b for a, b in zip(w, wall[0])]), 3)
+        info[f"ratio_{n}_cpu1t"] = round(min(c) / min(cpu1[0]), 3)
     benchmark.pedantic(fns[0], rounds=3, iterations=1, warmup_rounds=0)
     print(f"\n{benchmark.name}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    return wall, cpu1
+    return [_median(w) * 1e3 for w in wall], [min(c) * 1e3 for c in cpu1]
 
 
 def sdpa_window_attention(qkv, table, heads, ws, gq, scale):
