@@ -18,7 +18,8 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
 
 * ``gcvit::window_attention_fwd`` -- C++ (fp32, bf16; other dtypes: PyTorch math).
   Per (window, head group) task: Q (scaled), K^T (8x8 register transposes), V packed from the qkv map into a
-  per-thread fp32 tile, register-blocked Q K^T + relative-position bias (gathered from the table into a
+  per-thread, 64-byte aligned fp32 tile (the next task's qkv prefetched a few tokens per strip), register-blocked
+  Q K^T with the accumulators started from the relative-position bias (gathered from the table into a
   (heads, N, Np) array, kept by the table's contents for the next call, up to 64 MiB; tasks run head-group-major
   with groups sized so a thread's bias stays in L2)
   with the row maxima taken in its epilogue, softmax in log2 units (a degree-6 exp2), P V, written straight
@@ -26,12 +27,18 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
 * ``gcvit::window_attention_bwd`` -- PyTorch math from the saved lse (flash-attention style
   recompute of P, one batched pass; deterministic).
 * ``gcvit::fused_mbconv_fwd`` -- C++ depthwise 3x3 + exact GELU + SE pool partial sums in one pass
-  (NCHW and channels_last), SE gate in fp32, gate folded into the 1x1 weights per image, residual as
-  the GEMM's beta=1 input (one batched GEMM).
+  (NCHW and channels_last), SE gate in fp32, gate folded into the 1x1 weights per image (into t on maps with
+  H W < C). fp32 channels_last with whole vectors of channels: our register-blocked 1x1 pass starting from the
+  residual, and, with an image per thread and an image's x and t within a core's L2, one task per image through
+  every step (t never leaves the core); otherwise (bf16, ragged C, C = 512) MKL's batched GEMM with the residual
+  as its beta=1 input.
 * ``gcvit::fused_mbconv_bwd`` -- explicit PyTorch math (recompute from the inputs).
 
 Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementwise op for each):
 
+* ``gcvit::window_attention_inference`` -- the attention of a CPU fp32 inference block on a qkv map that lacks
+  its projection's bias: the kernel adds the bias as it loads q, k, v (so the projection runs as a plain GEMM, no
+  bias copied into its (tokens, 3C) output first) and keeps no lse. 1.037x the whole model.
 * ``gcvit::linear_gelu``, ``gcvit::linear_residual_layernorm``, ``gcvit::mlp_residual`` -- the GEMMs next
   to attention with their epilogues fused (inference ops; a differentiated call runs PyTorch math):
   fc1 + exact GELU; output projection + bias + layer scale + residual + the block's second LayerNorm in one
