@@ -192,11 +192,18 @@ inline void store_tile(const Vec (&acc)[R][JV], float* dst, int64_t ld) {
     for (int v = 0; v < JV; ++v) acc[r][v].store(dst + r * ld + v * VL);
 }
 
-// f(std::integral_constant<int, JV>, first column) over nvec vectors of columns: blocks of 2, then 1 if odd
-template <typename F>
+// f(std::integral_constant<int, JV>, first column) over nvec vectors of columns: blocks of MAX_JV (4 or 2) vectors,
+// then one of each smaller power of two the rest needs
+template <int MAX_JV = 2, typename F>
 [[gnu::always_inline]] inline void for_column_blocks(int64_t nvec, F&& f) {
   int64_t v = 0;
-  for (; v + 2 <= nvec; v += 2) f(std::integral_constant<int, 2>{}, v * VL);
+  for (; v + MAX_JV <= nvec; v += MAX_JV) f(std::integral_constant<int, MAX_JV>{}, v * VL);
+  if constexpr (MAX_JV == 4) {
+    if (v + 2 <= nvec) {
+      f(std::integral_constant<int, 2>{}, v * VL);
+      v += 2;
+    }
+  }
   if (v < nvec) f(std::integral_constant<int, 1>{}, v * VL);
 }
 
@@ -226,7 +233,7 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
     constexpr int R = decltype(rows_c)::value;
     Vec rmax[R];
     for (int r = 0; r < R; ++r) rmax[r] = Vec(-std::numeric_limits<float>::infinity());
-    for_column_blocks(np / VL, [&](auto jv_c, int64_t j0) {
+    for_column_blocks<4>(np / VL, [&](auto jv_c, int64_t j0) {
       constexpr int JV = decltype(jv_c)::value;
       Vec acc[R][JV];
       load_tile(acc, bias + i0 * np + j0, np);  // starts from the bias: the add costs nothing
@@ -730,11 +737,11 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
 
 // The gated 1x1 conv with its residual in one pass, fp32 channels_last (pixels x C rows, C a whole number of
 // vectors): out[b, p, :] = x[b, p, :] + t[b, p, :] @ (pw * gate[b])^T, by fma_block. Each image's gated weight is
-// packed as K-major panels of PW_PANEL output channels (a block's width), so a block's weight loads are
-// contiguous; the accumulators start from the residual and out is written once (MKL's baddbmm, used for bf16 and
-// ragged C, copies x into out and runs a beta = 1 GEMM over it). 1.10-1.14x the baddbmm path at 28^2 and 14^2
-// with C = 64 / 128, the same at 56^2 and 112^2 (batch 8, 2 threads).
-constexpr int64_t PW_PANEL = 2 * VL;
+// packed as K-major panels, one per column block of the pass (up to PW_MAX_JV vectors of output channels), so a
+// block's weight loads are contiguous; the accumulators start from the residual and out is written once (MKL's
+// baddbmm, used for bf16 and ragged C, copies x into out and runs a beta = 1 GEMM over it). 1.10-1.14x the baddbmm
+// path at 28^2 and 14^2 with C = 64 / 128, the same at 56^2 and 112^2 (batch 8, 2 threads).
+constexpr int PW_MAX_JV = 4;
 constexpr int64_t PW_PIXELS_PER_TASK = 48;
 
 // out = x + t @ packed^T for npix consecutive pixels (rows of C floats)
@@ -744,7 +751,7 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
     const int64_t off = p * C;
     with_rows(std::min<int64_t>(STRIP_ROWS, npix - p), [&](auto rows_c) {
       constexpr int R = decltype(rows_c)::value;
-      for_column_blocks(C / VL, [&](auto jv_c, int64_t j0) {
+      for_column_blocks<PW_MAX_JV>(C / VL, [&](auto jv_c, int64_t j0) {
         constexpr int JV = decltype(jv_c)::value;
         Vec acc[R][JV];
         load_tile(acc, x + off + j0, C);  // starts from the residual: the add costs nothing
@@ -755,10 +762,16 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
   }
 }
 
-// packed (C, C) = pw * gate (gate: one image's (C), or none) as PW_PANEL-wide K-major panels: panel j0 holds
-// (pw * gate)[j0 + jj, k] at j0 * C + k * width + jj (pw: (C_out, C_in) contiguous)
-inline void pack_pw(const float* pw, const float* gate, int64_t C, float* packed, int64_t j0) {
-  const int64_t width = std::min(PW_PANEL, C - j0);
+// the panels of packed (C, C) = pw * gate (gate: one image's (C), or none), as (first column, width) pairs: the
+// column blocks of pw_residual_rows
+inline std::vector<std::pair<int64_t, int64_t>> pw_panels(int64_t C) {
+  std::vector<std::pair<int64_t, int64_t>> panels;
+  for_column_blocks<PW_MAX_JV>(C / VL, [&](auto jv_c, int64_t j0) { panels.emplace_back(j0, decltype(jv_c)::value * VL); });
+  return panels;
+}
+
+// panel (j0, width) of packed: (pw * gate)[j0 + jj, k] at j0 * C + k * width + jj (pw: (C_out, C_in) contiguous)
+inline void pack_pw(const float* pw, const float* gate, int64_t C, float* packed, int64_t j0, int64_t width) {
   float* panel = packed + j0 * C;
   for (int64_t k = 0; k < C; ++k) {
     const float g = gate ? gate[k] : 1.f;
@@ -767,7 +780,7 @@ inline void pack_pw(const float* pw, const float* gate, int64_t C, float* packed
 }
 
 inline void pack_gated_pw(const float* pw, const float* gate, int64_t C, float* packed) {
-  for (int64_t j0 = 0; j0 < C; j0 += PW_PANEL) pack_pw(pw, gate, C, packed, j0);
+  for (const auto& [j0, width] : pw_panels(C)) pack_pw(pw, gate, C, packed, j0, width);
 }
 
 // t[p, :] *= gate for npix rows of C floats
@@ -836,10 +849,12 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   float* op = out.data_ptr<float>();
   at::Tensor shared = at::empty({gate_t ? C * C : 0}, x.options());  // the ungated weights, when t takes the gate
   float* shp = shared.data_ptr<float>();
-  if (gate_t)
-    at::parallel_for(0, (C + PW_PANEL - 1) / PW_PANEL, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, p * PW_PANEL);
+  if (gate_t) {
+    const auto panels = pw_panels(C);
+    at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
     });
+  }
   const int64_t image_bytes = 2 * HW * C * static_cast<int64_t>(sizeof(float));
   if (B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
