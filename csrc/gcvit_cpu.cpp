@@ -83,7 +83,7 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 
 // 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the GELU's -x^2 log2(e) / 2).
 // x = n + r with n = round(x), |r| <= 1/2; 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in
-// the exponent bits. Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row
+// the exponent bits (AVX2: x clamped at -126 first so n fits them; AVX-512's vscalefps needs no clamp: 1.00-1.04x). Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row
 // maximum's 1 such a weight is invisible, padded keys get exactly 0, and the GELU's tail (r t 2^x, r t < 1/8)
 // never becomes a subnormal (with 2^-126 there, the GELU of x < -13 was one): subnormal operands cost a microcode
 // assist per operation on Intel cores, in our passes and in the MKL GEMM a GELU output feeds. (No speed change on
@@ -104,7 +104,11 @@ inline Vec max_lanes(const Vec& a, const Vec& b) {
 
 inline Vec exp2_nonpositive(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec v = x;  // vscalefps takes any n, and every x below EXP2_FLUSH is masked to 0
+#else
   const Vec v = max_lanes(Vec(-126.f), x);
+#endif
   const Vec n = v.round();
   const Vec r = v - n;
   Vec p(1.535336188319500e-4f);
