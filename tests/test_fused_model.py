@@ -173,6 +173,28 @@ def test_fused_falls_back_with_one_warning_for_attention_dropout():
     assert len(messages) == 1, messages
 
 
+@needs_cpu_kernels
+def test_cpu_inference_attention_refused_falls_back_with_the_qkv_bias(monkeypatch):
+    """CPU fp32 inference computes qkv without its bias (the kernel adds it on load): when the kernel refuses a
+    case, the reference attention must get qkv + bias, after one warning."""
+    model = _small_model(fused=True).eval()
+    reference = _small_model().eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    dispatch.prepare(("cpu",))
+    key = ("window_attention", "window_attention", "cpu", None)
+    fused = dispatch._resolved[key]
+    monkeypatch.setitem(dispatch._resolved, key, fused._replace(unsupported_reason=lambda *a: "refused by the test"))
+    dispatch._warned.clear()
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model(x)
+        model(x)
+        want = reference(x)
+    assert len([w for w in caught if "refused by the test" in str(w.message)]) == 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_state_dict_identical_and_fuse_in_place():
     model = _small_model()
     keys = list(model.state_dict())
