@@ -83,11 +83,12 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 
 // 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the GELU's -x^2 log2(e) / 2).
 // x = n + r with n = round(x), |r| <= 1/2; 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in
-// the exponent bits (AVX2: x clamped at -126 first so n fits them; AVX-512's vscalefps needs no clamp: 1.00-1.04x). Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row
-// maximum's 1 such a weight is invisible, padded keys get exactly 0, and the GELU's tail (r t 2^x, r t < 1/8)
-// never becomes a subnormal (with 2^-126 there, the GELU of x < -13 was one): subnormal operands cost a microcode
-// assist per operation on Intel cores, in our passes and in the MKL GEMM a GELU output feeds. (No speed change on
-// ordinary inputs, in-process A/B; a synthetic case with subnormal SE gates ran its 1x1 GEMM 3x slower.)
+// the exponent bits (AVX2: x clamped at -126 first so n fits them; AVX-512's vscalefps needs no clamp: 1.00-1.04x).
+// Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row maximum's 1 such a weight is
+// invisible, padded keys get exactly 0, and the GELU's tail (r t 2^x, r t < 1/8) never becomes a subnormal (with
+// 2^-126 there, the GELU of x < -13 was one): subnormal operands cost a microcode assist per operation on Intel
+// cores, in our passes and in the MKL GEMM a GELU output feeds. (No speed change on ordinary inputs, in-process
+// A/B; a synthetic case with subnormal SE gates ran its 1x1 GEMM 3x slower.)
 constexpr float EXP2_FLUSH = -120.f;
 
 // lane-wise max without NaN bookkeeping: maxps returns its 2nd operand when either is NaN (the softmax's NaN
@@ -163,7 +164,8 @@ inline void bias_gelu_row(float* row, const float* bias, int64_t n) {
 // ------------------------------------------------------------------------------------------------
 
 // The register-blocked product under the attention and the 1x1 conv: acc[r][v] += sum_k a[r * lda + k] *
-// b[k * ldb + v * VL] for R rows and JV vectors of columns (R up to STRIP_ROWS, JV up to 2, see below).
+// b[k * ldb + v * VL] for R rows and JV vectors of columns (R up to STRIP_ROWS, JV up to MAX_BLOCK_VECS; see
+// below).
 template <int R, int JV>
 [[gnu::always_inline]] inline void fma_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
                                              Vec (&acc)[R][JV]) {
@@ -216,6 +218,15 @@ template <int MAX_JV = 2, typename F>
 // 0.96-1.02x in the attention and the 1x1 pass (in-process A/B, 2 threads), so both widths use 6.
 constexpr int STRIP_ROWS = 6;
 
+// the widest column block of the attention's Q K^T and the 1x1 pass: on AVX-512, 4 vectors (24 accumulators in
+// its 32 registers, each broadcast feeding 4 FMAs: 1.02-1.08x two vectors); with AVX2's 16 registers, 2 (4 spill:
+// the AVX2 build measured 0.80-0.95x with 4). In-process A/B, 2 threads, results bit-identical.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int MAX_BLOCK_VECS = 4;
+#else
+constexpr int MAX_BLOCK_VECS = 2;
+#endif
+
 // f(std::integral_constant<int, R>) for a strip of 1 <= rows <= STRIP_ROWS rows
 template <int R = STRIP_ROWS, typename F>
 [[gnu::always_inline]] inline void with_rows(int64_t rows, F&& f) {
@@ -237,7 +248,7 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
     constexpr int R = decltype(rows_c)::value;
     Vec rmax[R];
     for (int r = 0; r < R; ++r) rmax[r] = Vec(-std::numeric_limits<float>::infinity());
-    for_column_blocks<4>(np / VL, [&](auto jv_c, int64_t j0) {
+    for_column_blocks<MAX_BLOCK_VECS>(np / VL, [&](auto jv_c, int64_t j0) {
       constexpr int JV = decltype(jv_c)::value;
       Vec acc[R][JV];
       load_tile(acc, bias + i0 * np + j0, np);  // starts from the bias: the add costs nothing
@@ -741,11 +752,10 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
 
 // The gated 1x1 conv with its residual in one pass, fp32 channels_last (pixels x C rows, C a whole number of
 // vectors): out[b, p, :] = x[b, p, :] + t[b, p, :] @ (pw * gate[b])^T, by fma_block. Each image's gated weight is
-// packed as K-major panels, one per column block of the pass (up to PW_MAX_JV vectors of output channels), so a
-// block's weight loads are contiguous; the accumulators start from the residual and out is written once (MKL's
+// packed as K-major panels, one per column block of the pass (up to MAX_BLOCK_VECS vectors of output channels),
+// so a block's weight loads are contiguous; the accumulators start from the residual and out is written once (MKL's
 // baddbmm, used for bf16 and ragged C, copies x into out and runs a beta = 1 GEMM over it). 1.10-1.14x the baddbmm
 // path at 28^2 and 14^2 with C = 64 / 128, the same at 56^2 and 112^2 (batch 8, 2 threads).
-constexpr int PW_MAX_JV = 4;
 constexpr int64_t PW_PIXELS_PER_TASK = 48;
 
 // out = x + t @ packed^T for npix consecutive pixels (rows of C floats)
@@ -755,7 +765,7 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
     const int64_t off = p * C;
     with_rows(std::min<int64_t>(STRIP_ROWS, npix - p), [&](auto rows_c) {
       constexpr int R = decltype(rows_c)::value;
-      for_column_blocks<PW_MAX_JV>(C / VL, [&](auto jv_c, int64_t j0) {
+      for_column_blocks<MAX_BLOCK_VECS>(C / VL, [&](auto jv_c, int64_t j0) {
         constexpr int JV = decltype(jv_c)::value;
         Vec acc[R][JV];
         load_tile(acc, x + off + j0, C);  // starts from the residual: the add costs nothing
@@ -770,7 +780,8 @@ inline void pw_residual_rows(const float* t, const float* x, const float* packed
 // column blocks of pw_residual_rows
 inline std::vector<std::pair<int64_t, int64_t>> pw_panels(int64_t C) {
   std::vector<std::pair<int64_t, int64_t>> panels;
-  for_column_blocks<PW_MAX_JV>(C / VL, [&](auto jv_c, int64_t j0) { panels.emplace_back(j0, decltype(jv_c)::value * VL); });
+  for_column_blocks<MAX_BLOCK_VECS>(C / VL,
+                                    [&](auto jv_c, int64_t j0) { panels.emplace_back(j0, decltype(jv_c)::value * VL); });
   return panels;
 }
 
