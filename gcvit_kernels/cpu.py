@@ -368,14 +368,23 @@ def _attention_fwd_torch(qkv, table, global_query, num_heads, window_h, window_w
     return out, lse.reshape(t, num_heads, n).float()
 
 
-def _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale):
+def _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale, qkv_bias=None,
+                       need_lse=True):
+    """(out, lse) of window attention on qkv + qkv_bias (the projection's bias, when qkv lacks it): the C++ kernel
+    for fp32 and bf16 (with a bias, fp32 only; without need_lse its lse is empty), the PyTorch math otherwise."""
     _check_attention_args(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w)
+    if qkv_bias is not None and (tuple(qkv_bias.shape) != (qkv.shape[-1],) or qkv_bias.device != qkv.device):
+        raise ValueError(f"qkv_bias must be ({qkv.shape[-1]},) on {qkv.device}, got {tuple(qkv_bias.shape)} on "
+                         f"{qkv_bias.device}")
     ext = load()
-    if ext is not None and qkv.dtype in _KERNEL_DTYPES:
-        table = rel_pos_bias_table
+    kernel_bias = qkv_bias is None or (qkv.dtype == torch.float32 and qkv_bias.dtype == torch.float32)
+    if ext is not None and qkv.dtype in _KERNEL_DTYPES and kernel_bias:
         gq = None if global_query is None else global_query.to(qkv.dtype)
-        out, lse = ext.window_attention_fwd(qkv, table, gq, num_heads, window_h, window_w, float(scale))
-        return out, lse
+        bias = None if qkv_bias is None else qkv_bias.contiguous()
+        return ext.window_attention_fwd(qkv, rel_pos_bias_table, gq, num_heads, window_h, window_w, float(scale),
+                                        bias, need_lse)
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias.to(qkv.dtype)
     return _attention_fwd_torch(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale)
 
 
@@ -383,18 +392,8 @@ def _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_
 def _window_attention_inference_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
                                    rel_pos_bias_table: torch.Tensor, global_query: Optional[torch.Tensor],
                                    num_heads: int, window_h: int, window_w: int, scale: float) -> torch.Tensor:
-    _check_attention_args(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w)
-    if qkv_bias is not None and (tuple(qkv_bias.shape) != (qkv.shape[-1],) or qkv_bias.device != qkv.device):
-        raise ValueError(f"qkv_bias must be ({qkv.shape[-1]},) on {qkv.device}, got {tuple(qkv_bias.shape)} on "
-                         f"{qkv_bias.device}")
-    if _use_kernel(qkv, qkv_bias, global_query):
-        gq = None if global_query is None else global_query.contiguous()
-        bias = None if qkv_bias is None else qkv_bias.contiguous()
-        return load().window_attention_fwd(qkv, rel_pos_bias_table, gq, num_heads, window_h, window_w, float(scale),
-                                           bias, False)[0]
-    if qkv_bias is not None:
-        qkv = qkv + qkv_bias.to(qkv.dtype)
-    return _attention_fwd_torch(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale)[0]
+    return _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale, qkv_bias,
+                              need_lse=False)[0]
 
 
 @_window_attention_inference_op.register_fake
