@@ -18,6 +18,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -31,6 +32,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -563,6 +565,126 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv, c
 }
 
 // ------------------------------------------------------------------------------------------------
+// GEMMs, y = x @ W^T with W (n, k) as nn.Linear stores it, row-major: through MKL's BLAS sgemm, or through
+// oneDNN's matmul (ATen's at::native::mkldnn_matmul, the oneDNN inside libtorch). Both are looked up at run time
+// in the libraries torch has loaded, so the extension loads without either.
+// MKL runs its AVX-512 kernels only on Intel CPUs: on an AMD EPYC (Zen 5, AVX-512) its sgemm ran gcvit_tiny's
+// GEMMs at 112-185 GFLOP/s and oneDNN's at 194-352 (2 threads, fp32, every Linear shape of the model at batch 8;
+// on the Intel Xeon MKL measured 204-356). So the default is MKL on Intel CPUs and oneDNN on others; the
+// gcvit_cpu::set_gemm_backend op (GCVIT_CPU_GEMM=blas|onednn) forces one. Each backend sums in its own fixed
+// order, the same for any thread count (checked by the thread-count tests).
+// ------------------------------------------------------------------------------------------------
+
+// Fortran BLAS sgemm, looked up at run time in the libraries torch has loaded (MKL or OpenBLAS export it), so
+// the extension never fails to load over it; without it the MLP takes its two-GEMM path.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+// y (rows, n) = x (rows, k) @ W^T with W (n, k), row-major with leading dims ldx / ldy, on the calling thread
+// (inside a parallel region MKL runs single-threaded). Column-major BLAS computes y^T = W x^T. The integer
+// arguments live in 64-bit slots: on a little-endian CPU a 32-bit (LP64) and a 64-bit (ILP64) BLAS read the
+// same small values from them.
+inline void blas_gemm_rows(SgemmFn sgemm, const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k,
+                      float* y, int64_t ldy) {
+  static_assert(std::endian::native == std::endian::little, "the BLAS integer slots assume little-endian");
+  const int64_t m_ = n, n_ = rows, k_ = k, lda = k, ldb = ldx, ldc = ldy;
+  auto i = [](const int64_t& v) { return reinterpret_cast<const int*>(&v); };
+  const float one = 1.f, zero = 0.f;
+  sgemm("T", "N", i(m_), i(n_), i(k_), &one, w, i(lda), x, i(ldb), &zero, y, i(ldc));
+}
+
+// The symbol, checked once on a small product with a known answer (a wrong BLAS is turned off, never used)
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
+    auto candidate = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    if (!candidate) return nullptr;
+    const float x[6] = {1, 2, 3, 4, 5, 6};           // (2, 3)
+    const float w[6] = {1, 0, -1, 2, 1, 0};          // (2, 3)
+    float y[4] = {0, 0, 0, 0};                       // x @ w^T = [[-2, 4], [-2, 13]]
+    blas_gemm_rows(candidate, x, 3, w, 2, 2, 3, y, 2);
+    const bool ok = y[0] == -2.f && y[1] == 4.f && y[2] == -2.f && y[3] == 13.f;
+    return ok ? candidate : nullptr;
+  }();
+  return fn;
+}
+
+using MkldnnMatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta result + alpha mat1 @ mat2 (fp32 in,
+// fp32 accumulation: torch.backends.mkldnn's default fp32 precision), checked once like the BLAS symbol
+MkldnnMatmulFn onednn_matmul() {
+  static const MkldnnMatmulFn fn = []() -> MkldnnMatmulFn {
+    auto candidate =
+        reinterpret_cast<MkldnnMatmulFn>(dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+    if (!candidate) return nullptr;
+    try {
+      float x[6] = {1, 2, 3, 4, 5, 6}, w[6] = {1, 0, -1, 2, 1, 0}, y[4] = {0, 0, 0, 0};  // as blas_sgemm's check
+      const auto opts = at::TensorOptions().dtype(at::kFloat);
+      candidate(at::from_blob(x, {2, 3}, opts), at::from_blob(w, {2, 3}, opts).t(), at::from_blob(y, {2, 2}, opts), 0.f,
+                1.f);
+      return y[0] == -2.f && y[1] == 4.f && y[2] == -2.f && y[3] == 13.f ? candidate : nullptr;
+    } catch (const std::exception&) {  // a torch without MKLDNN raises
+      return nullptr;
+    }
+  }();
+  return fn;
+}
+
+enum class GemmBackend : int { blas = 0, onednn = 1 };
+
+GemmBackend default_gemm_backend() {
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("intel") && onednn_matmul() ? GemmBackend::onednn : GemmBackend::blas;
+}
+
+std::atomic<int>& gemm_backend_slot() {
+  static std::atomic<int> slot{static_cast<int>(default_gemm_backend())};
+  return slot;
+}
+
+GemmBackend gemm_backend() { return static_cast<GemmBackend>(gemm_backend_slot().load(std::memory_order_relaxed)); }
+
+std::string gemm_backend_name() { return gemm_backend() == GemmBackend::onednn ? "onednn" : "blas"; }
+
+void set_gemm_backend(c10::string_view name) {
+  if (name == "blas") {
+    TORCH_CHECK(blas_sgemm(), "gcvit cpu set_gemm_backend: no BLAS sgemm_ in the loaded libraries");
+    gemm_backend_slot() = static_cast<int>(GemmBackend::blas);
+  } else if (name == "onednn") {
+    TORCH_CHECK(onednn_matmul(), "gcvit cpu set_gemm_backend: torch has no oneDNN matmul (at::native::mkldnn_matmul)");
+    gemm_backend_slot() = static_cast<int>(GemmBackend::onednn);
+  } else {
+    TORCH_CHECK(false, "gcvit cpu set_gemm_backend: 'blas' or 'onednn' expected, got '", name, "'");
+  }
+}
+
+// y (M, N) = beta y + x (M, K) @ w (N, K)^T, beta 0 or 1 (x and y with unit column stride; bf16 takes ATen's mm); multi-threaded
+// at the top level, single-threaded inside a parallel region (MKL and oneDNN both run nested calls on the calling
+// thread)
+void gemm_nt(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, float beta = 0.f) {
+  if (gemm_backend() == GemmBackend::onednn && x.scalar_type() == at::kFloat)
+    onednn_matmul()(x, w.t(), y, beta, 1.f);
+  else if (beta == 0.f)
+    at::mm_out(y, x, w.t());
+  else
+    at::addmm_out(y, y, x, w.t());
+}
+
+// the same on raw rows: y (rows, n) = x (rows, k) @ W^T with leading dims ldx / ldy, on the calling thread
+inline void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k, float* y,
+                      int64_t ldy) {
+  if (gemm_backend() == GemmBackend::onednn) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, {ldx, 1}, opts);
+    at::Tensor wt = at::from_blob(const_cast<float*>(w), {n, k}, opts);
+    at::Tensor yt = at::from_blob(y, {rows, n}, {ldy, 1}, opts);
+    onednn_matmul()(xt, wt.t(), yt, 0.f, 1.f);
+  } else {
+    blas_gemm_rows(blas_sgemm(), x, ldx, w, rows, n, k, y, ldy);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Fused-MBConv: t = gelu(dwconv3x3(x)) with per-image channel sums, in one pass over x.
 // ------------------------------------------------------------------------------------------------
 
@@ -972,8 +1094,8 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
     t.mul_(gate.to(t.scalar_type()).view({B, C, 1, 1}));
     at::Tensor wt = pw.to(x.scalar_type()).reshape({C, C});
     if (cl) {  // one GEMM over all pixels, the residual as its beta=1 input
-      at::Tensor y = xc.permute({0, 2, 3, 1}).reshape({B * H * W, C}).addmm(t.permute({0, 2, 3, 1}).reshape({B * H * W, C}),
-                                                                          wt.t());
+      at::Tensor y = xc.permute({0, 2, 3, 1}).reshape({B * H * W, C}).clone();
+      gemm_nt(t.permute({0, 2, 3, 1}).reshape({B * H * W, C}), wt, y, 1.f);
       return y.view({B, H, W, C}).permute({0, 3, 1, 2});
     }
     at::Tensor y = xc.view({B, C, H * W}).baddbmm(wt.expand({B, C, C}), t.view({B, C, H * W}));
@@ -1032,13 +1154,10 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
-// y (M, N) = x @ W^T + bias (addmm; mm without a bias)
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  if (bias.has_value() && bias->defined())
-    at::addmm_out(y, *bias, x.contiguous(), w.t());
-  else
-    at::mm_out(y, x.contiguous(), w.t());
+  gemm_nt(x.contiguous(), w, y);
   return y;
 }
 
@@ -1054,7 +1173,7 @@ void for_rows(int64_t m, int64_t n, const F& fn) {
 // (in-process A/B, gcvit_tiny's four stage shapes, 2 threads), and the block-epilogue ops below do the same.
 at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   check_linear("linear_gelu", x, w, bias);
-  at::Tensor y = linear(x, w, c10::nullopt);
+  at::Tensor y = linear(x, w);
   at::Tensor bk;
   const float* bp = opt_ptr(bias, bk);
   const int64_t n = y.size(1);
@@ -1062,6 +1181,24 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   for_rows(y.size(0), n, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) bias_gelu_row(p + r * n, bp, n);
   });
+  return y;
+}
+
+// y = x @ W^T + bias by the GEMM backend, the bias added in a row pass (as in linear_gelu): the qkv projection of a
+// fused CPU inference (the one Linear with no epilogue of its own)
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_linear("linear", x, w, bias);
+  at::Tensor y = linear(x, w);
+  if (bias.has_value() && bias->defined()) {
+    at::Tensor bk;
+    const float* bp = opt_ptr(bias, bk);
+    const int64_t n = y.size(1);
+    float* p = y.data_ptr<float>();
+    for_rows(y.size(0), n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, p + r * n, p + r * n, bp, n);
+    });
+  }
   return y;
 }
 
@@ -1125,7 +1262,7 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_impl(const char* op, const at
   check_vector(op, "ln_weight", ln_weight, n);
   check_vector(op, "ln_bias", ln_bias, n);
   // the bias goes in with the residual, in the row pass (see linear_gelu)
-  at::Tensor y = linear(x, w, c10::nullopt);
+  at::Tensor y = linear(x, w);
   at::Tensor bk, gk, lwk, lbk;
   const float* bp = opt_ptr(bias, bk);
   const float* gp = opt_ptr(gamma, gk);
@@ -1189,39 +1326,6 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
   return linear_residual_impl("linear_residual_layernorm", x, w, bias, residual, gamma, ln_weight, ln_bias, eps);
 }
 
-// Fortran BLAS sgemm, looked up at run time in the libraries torch has loaded (MKL or OpenBLAS export it), so
-// the extension never fails to load over it; without it the MLP takes its two-GEMM path.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
-
-// y (rows, n) = x (rows, k) @ W^T with W (n, k), row-major with leading dims ldx / ldy, on the calling thread
-// (inside a parallel region MKL runs single-threaded). Column-major BLAS computes y^T = W x^T. The integer
-// arguments live in 64-bit slots: on a little-endian CPU a 32-bit (LP64) and a 64-bit (ILP64) BLAS read the
-// same small values from them.
-inline void gemm_rows(SgemmFn sgemm, const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k,
-                      float* y, int64_t ldy) {
-  static_assert(std::endian::native == std::endian::little, "the BLAS integer slots assume little-endian");
-  const int64_t m_ = n, n_ = rows, k_ = k, lda = k, ldb = ldx, ldc = ldy;
-  auto i = [](const int64_t& v) { return reinterpret_cast<const int*>(&v); };
-  const float one = 1.f, zero = 0.f;
-  sgemm("T", "N", i(m_), i(n_), i(k_), &one, w, i(lda), x, i(ldb), &zero, y, i(ldc));
-}
-
-// The symbol, checked once on a small product with a known answer (a wrong BLAS is turned off, never used)
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = []() -> SgemmFn {
-    auto candidate = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-    if (!candidate) return nullptr;
-    const float x[6] = {1, 2, 3, 4, 5, 6};           // (2, 3)
-    const float w[6] = {1, 0, -1, 2, 1, 0};          // (2, 3)
-    float y[4] = {0, 0, 0, 0};                       // x @ w^T = [[-2, 4], [-2, 13]]
-    gemm_rows(candidate, x, 3, w, 2, 2, 3, y, 2);
-    const bool ok = y[0] == -2.f && y[1] == 4.f && y[2] == -2.f && y[3] == 13.f;
-    return ok ? candidate : nullptr;
-  }();
-  return fn;
-}
-
 // The MLP with its residual: out = residual + gamma * (gelu(x @ W1^T + b1) @ W2^T + b2). When both weights
 // fit in a core's L2 next to a block (small channel counts, the high-resolution stages) it runs in blocks
 // of MLP_BLOCK_ROWS rows per task, so a block's hidden activations never leave the thread's L2 instead of
@@ -1241,8 +1345,8 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   check_vector("mlp_residual", "fc2 bias", b2, c);
   check_residual("mlp_residual", residual, m, c);
   check_vector("mlp_residual", "gamma", gamma, c);
-  const SgemmFn sgemm = blas_sgemm();
-  if (!sgemm || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > MLP_BLOCKED_MAX_WEIGHT_BYTES)
+  const bool rows_gemm = gemm_backend() == GemmBackend::onednn || blas_sgemm();
+  if (!rows_gemm || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > MLP_BLOCKED_MAX_WEIGHT_BYTES)
     return linear_residual(linear_gelu(x, w1, b1), w2, b2, residual, gamma);
   at::Tensor xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   at::Tensor out = at::empty({m, c}, x.options());
@@ -1262,10 +1366,10 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
     float* h = hidden.data();
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * MLP_BLOCK_ROWS, rows = std::min(MLP_BLOCK_ROWS, m - r0);
-      gemm_rows(sgemm, xp + r0 * c, c, w1p, rows, hd, c, h, hd);
+      gemm_rows(xp + r0 * c, c, w1p, rows, hd, c, h, hd);
       for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
       float* o = op + r0 * c;
-      gemm_rows(sgemm, h, hd, w2p, rows, c, hd, o, c);
+      gemm_rows(h, hd, w2p, rows, c, hd, o, c);
       for (int64_t r = 0; r < rows; ++r) residual_row(o + r * c, rp + (r0 + r) * rs, bp2, gp, c);
     }
   });
@@ -1407,9 +1511,13 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("window_attention_fwd(Tensor qkv, Tensor table, Tensor? global_query, int heads, int wh, int ww, float scale, "
         "Tensor? qkv_bias=None, bool need_lse=True) -> (Tensor, Tensor)", &window_attention_fwd);
   m.def("fused_mbconv_fwd", &fused_mbconv_fwd);
+  m.def("linear", &linear_op);
   m.def("linear_gelu", &linear_gelu);
   m.def("mlp_residual", &mlp_residual);
   m.def("has_blas", []() { return blas_sgemm() != nullptr; });
+  m.def("has_onednn", []() { return onednn_matmul() != nullptr; });
+  m.def("gemm_backend", &gemm_backend_name);
+  m.def("set_gemm_backend", &set_gemm_backend);
   m.def("linear_residual_layernorm", &linear_residual_layernorm);
   m.def("layer_norm", &layer_norm);
   m.def("capability", &capability);

@@ -76,7 +76,7 @@ class Fused(NamedTuple):
 
 _OPS = (("window_attention", "window_attention"), ("mbconv", "fused_mbconv"), ("cpu", "linear_gelu"),
         ("cpu", "linear_residual_layernorm"), ("cpu", "mlp_residual"), ("cpu", "layer_norm"),
-        ("cpu", "window_attention_inference"))
+        ("cpu", "window_attention_inference"), ("cpu", "linear"))
 # (module, op, device type, forced backend) -> Fused. Filled eagerly (prepare, or the first eager call) so that
 # torch.compile traces only a dict lookup, never an import or a C++ build.
 _resolved: Dict[Tuple[str, str, str, Optional[str]], Fused] = {}
@@ -149,7 +149,10 @@ def _attention_before_projection(attn, x: torch.Tensor, global_query: Optional[t
     inference = _backend("cpu", "window_attention_inference", x.device).op if _cpu_fp32_inference(attn, x) else None
     qkv_bias = attn.qkv.bias if inference is not None else None
     # the projections are per token, so they run on the whole map and the kernel reads windows in place
-    qkv = F.linear(x, attn.qkv.weight) if inference is not None else attn.qkv(x)
+    if inference is not None:
+        qkv = _backend("cpu", "linear", x.device).op(x, attn.qkv.weight, None)
+    else:
+        qkv = attn.qkv(x)
     table = attn.rel_pos.relative_position_bias_table.to(qkv.dtype)
     if global_query is not None:  # one per image, tiny: make it the dense (B, wh, ww, C) the kernels index
         global_query = global_query.to(qkv.dtype).contiguous()

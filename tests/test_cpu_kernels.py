@@ -6,6 +6,9 @@ inputs at atol=rtol=3e-2 (bf16 has 8 bits of mantissa: 2^-8 = 0.4% per rounding)
 The whole file is skipped (with the build error as reason) only when the extension cannot be built.
 """
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +32,19 @@ def num_threads(n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture(params=cpu.GEMM_BACKENDS)
+def gemm_backend(request):
+    """Runs the test once per GEMM library the C++ ops can use (the process-wide choice restored after)."""
+    if request.param == "onednn" and not EXT.has_onednn():
+        pytest.skip("this torch has no oneDNN matmul (at::native::mkldnn_matmul)")
+    old = cpu.gemm_backend()
+    cpu.set_gemm_backend(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu.set_gemm_backend(old)
 
 
 def make_attention(b, h, w, c, heads, wh, ww, is_global, dtype=torch.float32, gq_flat=False, padded=False):
@@ -334,7 +350,6 @@ def test_fallback_paths_match_reference(monkeypatch):
 
 
 def test_build_is_cached():
-    import os
 
     d = cpu.build_directory()
     assert os.path.isdir(d) and any(f.endswith(".so") for f in os.listdir(d))
@@ -344,9 +359,6 @@ def test_build_is_cached():
 
 def test_build_failure_warns_once_and_falls_back(tmp_path):
     """No working compiler: one clear warning, available() is False, the ops still answer (PyTorch math)."""
-    import os
-    import subprocess
-    import sys
 
     code = """
 import warnings, torch
@@ -380,9 +392,6 @@ def _narrower_variants():
 def test_narrower_build_matches_reference(tmp_path, variant):
     """The builds a narrower CPU would pick (the generic one without AVX2; AVX2 on an AVX-512 CPU): each compiles
     and gives correct results."""
-    import os
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -409,7 +418,7 @@ print("OK")
 
 @pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((2, 49, 512), True)],
                          ids=["4d_odd", "2d_nobias", "3d_c512"])
-def test_linear_gelu_forward_and_grad(shape, bias):
+def test_linear_gelu_forward_and_grad(shape, bias, gemm_backend):
     k = shape[-1]
     n = 3 * k
     x = torch.randn(*shape, requires_grad=True)
@@ -424,6 +433,66 @@ def test_linear_gelu_forward_and_grad(shape, bias):
     leaves = [t for t in (x, w, b) if t is not None]
     for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(expected, leaves, g)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((2, 49, 512), True)],
+                         ids=["4d_odd", "2d_nobias", "3d_c512"])
+def test_linear_forward_and_grad(shape, bias, gemm_backend):
+    k = shape[-1]
+    n = 3 * k
+    x = torch.randn(*shape, requires_grad=True)
+    w = (torch.randn(n, k) * k ** -0.5).requires_grad_()
+    b = torch.randn(n, requires_grad=True) if bias else None
+    y = cpu.linear(x, w, b)
+    expected = F.linear(x, w, b)
+    torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
+    g = torch.randn_like(y)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_other_dtypes_and_errors():
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(6, 8, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, c: cpu.linear(a, c, b), (x, w), fast_mode=True)
+    xb, wb = torch.randn(5, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(cpu.linear(xb, wb), F.linear(xb, wb))
+    with pytest.raises(ValueError, match="linear"):
+        cpu.linear(torch.randn(4, 8), torch.randn(6, 7))
+    with pytest.raises(ValueError, match="bias"):
+        cpu.linear(torch.randn(4, 8), torch.randn(6, 8), torch.randn(5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_mbconv_large_channels_small_map(channels_last, gemm_backend):
+    """C = 512 on a map of H W < C: the gate goes into t and the 1x1 + residual is one GEMM of the backend."""
+    x, ws = mbconv_inputs(2, 512, 3, 5, channels_last=channels_last)
+    with torch.inference_mode():
+        y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
+        torch.testing.assert_close(y, ref.fused_mbconv(x, *ws), atol=ATOL32, rtol=RTOL32)
+
+
+def test_gemm_backend_default_and_choice():
+    if os.environ.get("GCVIT_CPU_GEMM", "") not in ("", "auto"):
+        pytest.skip("GCVIT_CPU_GEMM forces the backend in this run")
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    code = "from gcvit_kernels import cpu; print('BACKEND', cpu.gemm_backend())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = {}
+    for forced in ("", "blas", "bogus"):
+        env = dict(os.environ, GCVIT_CPU_GEMM=forced)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outputs[forced] = (r.stdout.split("BACKEND")[-1].strip(), r.stderr)
+    default = "blas" if intel or not EXT.has_onednn() else "onednn"
+    assert outputs[""][0] == default
+    assert outputs["blas"][0] == "blas"
+    assert outputs["bogus"][0] == default and "GCVIT_CPU_GEMM='bogus' ignored" in outputs["bogus"][1]
+    with pytest.raises(ValueError, match="blas"):
+        cpu.set_gemm_backend("mkl")
 
 
 def test_linear_gelu_other_dtypes_and_errors():
@@ -445,7 +514,7 @@ def _vector(n, present):
 @pytest.mark.parametrize("shape,n,bias,gamma", [((3, 5, 7, 20), 20, True, False), ((37, 64), 64, False, True),
                                                 ((2, 49, 96), 35, True, True), ((1, 8, 8, 256), 256, True, False)],
                          ids=["4d_odd", "2d_nobias_gamma", "n35_gamma", "c256"])
-def test_linear_residual_layernorm_forward(shape, n, bias, gamma):
+def test_linear_residual_layernorm_forward(shape, n, bias, gamma, gemm_backend):
     k = shape[-1]
     x, w = torch.randn(*shape), torch.randn(n, k) * k ** -0.5
     b, g = _vector(n, bias), _vector(n, gamma)
@@ -490,8 +559,8 @@ def _mlp_expected(x, w1, b1, w2, b2, residual, g):
 @pytest.mark.parametrize("shape,hidden,bias,gamma", [((600, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
                                                      ((3, 100, 128), 384, True, True), ((2, 49, 256), 768, True, False)],
                          ids=["c64_blocks", "c20_odd", "c128_blocks", "c256_two_gemms"])
-def test_mlp_residual_forward(shape, hidden, bias, gamma):
-    if shape[-1] in (64, 128) and not EXT.has_blas():
+def test_mlp_residual_forward(shape, hidden, bias, gamma, gemm_backend):
+    if shape[-1] in (64, 128) and gemm_backend == "blas" and not EXT.has_blas():
         pytest.skip("no Fortran sgemm_ symbol in this torch build: the row-blocked path is off")
     args = _mlp_inputs(shape, hidden, bias, gamma)
     with torch.inference_mode():
@@ -499,8 +568,10 @@ def test_mlp_residual_forward(shape, hidden, bias, gamma):
     torch.testing.assert_close(y, _mlp_expected(*args), atol=ATOL32, rtol=RTOL32)
 
 
-def test_fused_block_ops_thread_count_invariance():
+def test_fused_block_ops_thread_count_invariance(gemm_backend):
     x, w1, b1, w2, b2, residual, g = _mlp_inputs((4, 300, 64), 192)
+    # the multi-threaded GEMMs of linear and of the larger layers' two-GEMM MLP
+    xl, wl1, bl1, wl2, bl2, rl, gl = _mlp_inputs((2, 49, 512), 1536)
     ln = (torch.randn(64), torch.randn(64))
     with torch.inference_mode():
         results = []
@@ -508,7 +579,8 @@ def test_fused_block_ops_thread_count_invariance():
             with num_threads(threads):
                 results.append((cpu.mlp_residual(x, w1, b1, w2, b2, residual, g),
                                 *cpu.linear_residual_layernorm(x, w2[:, :64].contiguous(), b2, residual, g, *ln),
-                                cpu.layer_norm(x, *ln)))
+                                cpu.layer_norm(x, *ln), cpu.linear(xl, wl1, bl1),
+                                cpu.mlp_residual(xl, wl1, bl1, wl2, bl2, rl, gl)))
     assert all(torch.equal(a, c) for a, c in zip(*results))
 
 
@@ -531,7 +603,8 @@ def test_cpu_only_ops_opcheck():
     """Schemas and fake kernels (what torch.compile traces) of the CPU-only inference ops."""
     x, w1, b1, w2, b2, residual, g = _mlp_inputs((2, 5, 8), 16)
     ln_weight, ln_bias = torch.randn(8), torch.randn(8)
-    checks = [(torch.ops.gcvit.linear_gelu, (x, w1, b1)),
+    checks = [(torch.ops.gcvit.linear, (x, w1, b1)), (torch.ops.gcvit.linear, (x, w1, None)),
+              (torch.ops.gcvit.linear_gelu, (x, w1, b1)),
               (torch.ops.gcvit.mlp_residual, (x, w1, b1, w2, b2, residual, g)),
               (torch.ops.gcvit.linear_residual_layernorm, (x, w2[:, :8].contiguous(), b2, residual, g, ln_weight,
                                                            ln_bias, 1e-5)),
