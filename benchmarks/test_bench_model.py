@@ -13,8 +13,10 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
 * CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
   inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under
   no_grad) vs Swin-T / ConvNeXt-T eager and compiled; ``gemm-floor``, the model's Linear and dense Conv2d layers
-  alone on their recorded inputs (the GEMM time both paths share: its speed-up is the ceiling for fusing the
-  rest); and the same batch with weights and input in bf16, reference eager vs fused.
+  alone on their recorded inputs (the reference's GEMM time: its speed-up is the ceiling for fusing the rest
+  around the reference's GEMMs) and ``gemm-floor-fused``, the same with the Linear layers on the fused path's
+  GEMM backend (the fused path's own floor; it differs where that backend is not MKL, i.e. off Intel); and the
+  same batch with weights and input in bf16, reference eager vs fused.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
@@ -39,6 +41,7 @@ Environment: GCVIT_BENCH_FULL, GCVIT_BENCH_TINY, GCVIT_BENCH_DEVICE (cpu/cuda), 
 GCVIT_BENCH_WARMUP, GCVIT_BENCH_ITERS (steps per round), GCVIT_BENCH_COMPILE_BACKEND (default inductor).
 """
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -191,7 +194,8 @@ def build_cases(settings: Settings) -> List[Case]:
         return cases
     if settings.grid == "full":
         cases = _group("tiny", "infer", 8, 224, settings.dtype,
-                       EAGER + (("onnxruntime", ""), ("gemm-floor", "")) + COMPILED + (("reference", "compile-frozen"),),
+                       EAGER + (("onnxruntime", ""), ("gemm-floor", ""), ("gemm-floor-fused", "")) + COMPILED
+                       + (("reference", "compile-frozen"),),
                        TIMM_ALL)
         # a bf16 model on this CPU: the fused path computes in fp32 where the CPU has no native bf16
         cases += _group("tiny", "infer", 8, 224, "bf16", EAGER)
@@ -350,11 +354,21 @@ def _onnx_runner(case: Case, device: torch.device, settings: Settings) -> Runner
 
 
 def _gemm_floor_runner(case: Case, device: torch.device) -> Runner:
-    """Every Linear and dense Conv2d of the reference model, run alone on the input it got in one forward: the
-    GEMM time the reference and the fused path share (MKL/oneDNN either way), so its speed-up over the
-    reference bounds what fusing everything else could give."""
+    """Every Linear and dense Conv2d of the reference model, run alone on the input it got in one forward.
+
+    ``gemm-floor``: as the reference runs them (ATen: MKL for Linear, oneDNN for Conv2d), so its speed-up over the
+    reference bounds what fusing everything else around the reference's GEMMs could give.
+    ``gemm-floor-fused`` (CPU): the Linear layers on the fused path's GEMM backend instead
+    (``gcvit_kernels.cpu.linear``; oneDNN off Intel, where MKL is slower), the floor of the fused path itself."""
     if case.task != "infer":
         raise Skip("the GEMM floor is an inference measure")
+    linear = None
+    if case.impl == "gemm-floor-fused":
+        from gcvit_kernels import cpu
+
+        if device.type != "cpu" or not cpu.available():
+            raise Skip("the fused path's GEMM backend is the C++ CPU extension's")
+        linear = cpu.linear
     t0 = time.perf_counter()
     model = build_module(case, device, fused=False).eval()
     param_dtype, _ = _torch_dtypes(case)
@@ -368,6 +382,10 @@ def _gemm_floor_runner(case: Case, device: torch.device) -> Runner:
     for hook in hooks:
         hook.remove()
 
+    if linear is not None:
+        calls = [(functools.partial(linear, weight=m.weight, bias=m.bias) if isinstance(m, torch.nn.Linear) else m, a)
+                 for m, a in calls]
+
     def step():
         with torch.inference_mode():
             for module, inputs in calls:
@@ -376,7 +394,12 @@ def _gemm_floor_runner(case: Case, device: torch.device) -> Runner:
     prepare = time.perf_counter() - t0
     t1 = time.perf_counter()
     step()
-    return Runner(step, time.perf_counter() - t1, prepare, {"gemm_floor_calls": len(calls)}, keep=(model, calls))
+    info = {"gemm_floor_calls": len(calls)}
+    if linear is not None:
+        from gcvit_kernels import cpu
+
+        info["gemm_backend"] = cpu.gemm_backend()
+    return Runner(step, time.perf_counter() - t1, prepare, info, keep=(model, calls))
 
 
 def _dynamo_counts() -> Dict[str, int]:
@@ -390,7 +413,7 @@ def make_runner(case: Case, device: torch.device, settings: Settings) -> Runner:
     """Build the model of ``case``, its step closure, and run the first call (compilation, kernel builds)."""
     if case.impl == "onnxruntime":
         return _onnx_runner(case, device, settings)
-    if case.impl == "gemm-floor":
+    if case.impl in ("gemm-floor", "gemm-floor-fused"):
         return _gemm_floor_runner(case, device)
     t0 = time.perf_counter()
     model = build_module(case, device)

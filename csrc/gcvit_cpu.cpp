@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
@@ -670,6 +671,14 @@ void gemm_nt(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, float beta
     at::addmm_out(y, y, x, w.t());
 }
 
+// result (B, M, N) = beta result + mat1 (B, M, K) @ mat2 (B, K, N), beta 0 or 1 (bf16 takes ATen's baddbmm)
+void bmm_into(const at::Tensor& mat1, const at::Tensor& mat2, at::Tensor& result, float beta) {
+  if (gemm_backend() == GemmBackend::onednn && mat1.scalar_type() == at::kFloat)
+    onednn_matmul()(mat1, mat2, result, beta, 1.f);
+  else
+    at::baddbmm_out(result, result, mat1, mat2, beta, 1.f);
+}
+
 // the same on raw rows: y (rows, n) = x (rows, k) @ W^T with leading dims ldx / ldy, on the calling thread
 inline void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k, float* y,
                       int64_t ldy) {
@@ -962,12 +971,13 @@ int64_t l2_cache_bytes() {
 }
 
 // The 1x1 pass streams its packed weights through once per strip of pixels: with one weight for all images (the
-// gate in t) up to this size; beyond it, MKL's blocked GEMM is faster (C = 256: 1.10x MKL's addmm path, C = 512:
-// 0.90x, in-process A/B, batch 8, 2 threads)
+// gate in t) up to this size; beyond it, a blocked GEMM is faster (C = 256: our pass 1.10x MKL's addmm, C = 512:
+// 0.90x, in-process A/B, batch 8, 2 threads on the Xeon), so there the gated t goes through one GEMM of the backend
 constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
 
 // The fp32 channels_last Fused-MBConv with C a whole number of vectors. The gate goes into the 1x1 weights, packed
-// per image, or, on maps with H W < C, into t (C H W per image instead of C^2), with the weights packed once.
+// per image, or, on maps with H W < C, into t (C H W per image instead of C^2), with the weights packed once (or,
+// beyond PW_SHARED_MAX_BYTES, not packed: one GEMM of the backend over every image's gated t, the residual in out).
 // When there is an image per thread and an image's x and t fit a core's L2, each task runs one image through
 // every step (dw + GELU rows, channel sums, gate, 1x1 + residual): t, its sums and the weights never leave the
 // core and x is read from memory once (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64
@@ -977,6 +987,8 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
                             const at::Tensor& pw) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, R = w1.size(0);
   const bool gate_t = HW < C;
+  // weights too large for our pass (C = 512: 1 MB) take one GEMM of the backend over all pixels after the gated t
+  const bool pw_gemm = gate_t && static_cast<size_t>(C * C) * sizeof(float) > PW_SHARED_MAX_BYTES;
   const float* xp = x.data_ptr<float>();  // memory (B, H, W, C)
   const float* wp = w9t.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
@@ -984,16 +996,16 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   const float* pwp = pw.data_ptr<float>();
   at::Tensor out = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
   float* op = out.data_ptr<float>();
-  at::Tensor shared = at::empty({gate_t ? C * C : 0}, x.options());  // the ungated weights, when t takes the gate
+  at::Tensor shared = at::empty({gate_t && !pw_gemm ? C * C : 0}, x.options());  // the ungated weights, packed
   float* shp = shared.data_ptr<float>();
-  if (gate_t) {
+  if (gate_t && !pw_gemm) {
     const auto panels = pw_panels(C);
     at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
     });
   }
   const int64_t image_bytes = 2 * HW * C * static_cast<int64_t>(sizeof(float));
-  if (B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
+  if (!pw_gemm && B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(gate_t ? 0 : C * C);
       for (int64_t b = b0; b < b1; ++b) {
@@ -1036,9 +1048,16 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
       const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * PW_PIXELS_PER_TASK;
       const int64_t npix = std::min(HW, p0 + PW_PIXELS_PER_TASK) - p0, off = (b * HW + p0) * C;
       if (gate_t) gate_rows(tp + off, gp + b * C, npix, C);
-      pw_residual_rows(tp + off, xp + off, gate_t ? shp : pk + b * C * C, op + off, npix, C);
+      if (pw_gemm)  // the residual, for the GEMM's beta = 1
+        std::memcpy(op + off, xp + off, npix * C * sizeof(float));
+      else
+        pw_residual_rows(tp + off, xp + off, gate_t ? shp : pk + b * C * C, op + off, npix, C);
     }
   });
+  if (pw_gemm) {
+    at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({B * HW, C});
+    gemm_nt(t.view({B * HW, C}), pw, out_rows, 1.f);
+  }
   return out;
 }
 
@@ -1070,7 +1089,7 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
     const int64_t Cp = round_up(C, VL);
     w9t = at::zeros({9, Cp}, w9.options());
     w9t.narrow(1, 0, C).copy_(w9.t());
-    if (x.scalar_type() == at::kFloat && Cp == C && (H * W >= C || C * C * sizeof(float) <= PW_SHARED_MAX_BYTES))
+    if (x.scalar_type() == at::kFloat && Cp == C)
       return mbconv_nhwc_fp32(xc, w9t, w1, w2, pw.to(at::kFloat).reshape({C, C}).contiguous());
   }
   at::Tensor t = at::empty_like(xc, xc.options(), fmt);
@@ -1093,7 +1112,7 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
     // small maps: scaling t (C * HW per image) is cheaper than folding the gate into weights (C * C)
     t.mul_(gate.to(t.scalar_type()).view({B, C, 1, 1}));
     at::Tensor wt = pw.to(x.scalar_type()).reshape({C, C});
-    if (cl) {  // one GEMM over all pixels, the residual as its beta=1 input
+    if (cl) {  // one GEMM over all pixels, the residual as its beta=1 input (bf16, ragged C)
       at::Tensor y = xc.permute({0, 2, 3, 1}).reshape({B * H * W, C}).clone();
       gemm_nt(t.permute({0, 2, 3, 1}).reshape({B * H * W, C}), wt, y, 1.f);
       return y.view({B, H, W, C}).permute({0, 3, 1, 2});
@@ -1105,12 +1124,12 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   at::Tensor wf = pw.to(at::kFloat).reshape({1, C, C}).mul(gate.unsqueeze(1)).to(x.scalar_type());
   if (cl) {
     // memory (B, HW, C): y = x + t @ Wb^T, the residual is the GEMM's beta=1 input
-    at::Tensor x3 = xc.permute({0, 2, 3, 1}).reshape({B, H * W, C});
-    at::Tensor t3 = t.permute({0, 2, 3, 1}).reshape({B, H * W, C});
-    at::Tensor y = x3.baddbmm(t3, wf.transpose(1, 2));
+    at::Tensor y = xc.permute({0, 2, 3, 1}).reshape({B, H * W, C}).clone();
+    bmm_into(t.permute({0, 2, 3, 1}).reshape({B, H * W, C}), wf.transpose(1, 2), y, 1.f);
     return y.view({B, H, W, C}).permute({0, 3, 1, 2});
   }
-  at::Tensor y = xc.view({B, C, H * W}).baddbmm(wf, t.view({B, C, H * W}));
+  at::Tensor y = xc.view({B, C, H * W}).clone();
+  bmm_into(wf, t.view({B, C, H * W}), y, 1.f);
   return y.view({B, C, H, W});
 }
 
