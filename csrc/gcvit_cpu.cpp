@@ -1379,8 +1379,12 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
 // a full (M, hidden) round trip through memory (measured 1.15-1.3x at gcvit_tiny's 56^2 x 64 and 28^2 x 128
 // stages); larger layers run as linear_gelu then linear_residual (multi-threaded GEMMs, which measured
 // faster there).
+// On oneDNN only the smallest layers stay blocked: its per-call set-up weighs more on a block's small GEMMs, and
+// the two-GEMM path measured 1.13x the blocked one at 28^2 x 128 (op A/B twice, 30 and 50 rounds; 56^2 x 64 was
+// inconclusive, IQR 0.65-1.28), the model 1.014-1.062x with no block at all (AMD EPYC, 2 threads).
 constexpr int64_t MLP_BLOCK_ROWS = 256;
 constexpr int64_t MLP_BLOCKED_MAX_WEIGHT_BYTES = 512 * 1024;
+constexpr int64_t MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN = 128 * 1024;
 
 at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                         const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& residual,
@@ -1392,8 +1396,9 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   check_vector("mlp_residual", "fc2 bias", b2, c);
   check_residual("mlp_residual", residual, m, c);
   check_vector("mlp_residual", "gamma", gamma, c);
-  const bool rows_gemm = gemm_backend() == GemmBackend::onednn || blas_sgemm();
-  if (!rows_gemm || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > MLP_BLOCKED_MAX_WEIGHT_BYTES)
+  const bool onednn = gemm_backend() == GemmBackend::onednn;
+  const int64_t max_blocked = onednn ? MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN : MLP_BLOCKED_MAX_WEIGHT_BYTES;
+  if (!(onednn || blas_sgemm()) || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > max_blocked)
     return linear_residual(linear_gelu(x, w1, b1), w2, b2, residual, gamma);
   at::Tensor xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   at::Tensor out = at::empty({m, c}, x.options());
