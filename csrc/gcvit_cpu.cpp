@@ -1141,8 +1141,14 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
       gemm_nt(t.permute({0, 2, 3, 1}).reshape({B * H * W, C}), wt, y, 1.f);
       return y.view({B, H, W, C}).permute({0, 3, 1, 2});
     }
-    at::Tensor y = xc.view({B, C, H * W}).baddbmm(wt.expand({B, C, C}), t.view({B, C, H * W}));
-    return y.view({B, C, H, W});
+    // NCHW: y_b = x_b + W t_b, one backend GEMM per image on the shared weights
+    at::Tensor y = xc.clone();
+    at::Tensor t3 = t.view({B, C, H * W}), y3 = y.view({B, C, H * W});
+    for (int64_t b = 0; b < B; ++b) {
+      at::Tensor yb = y3.select(0, b);
+      gemm_nt(wt, t3.select(0, b).t(), yb, 1.f);
+    }
+    return y;
   }
   // fold the gate into the 1x1 conv weight per image: Wb[o, i] = pw[o, i] * gate[b, i]
   at::Tensor wf = pw.to(at::kFloat).reshape({1, C, C}).mul(gate.unsqueeze(1)).to(x.scalar_type());
