@@ -73,6 +73,10 @@ in-process A/B of two builds (alternating call by call) that the commit messages
   at 7^2 x 512 (whose 1x1 stays on MKL), so 1.5x holds at 6 of the 8 shapes.
 * mlp_residual 1.57x / 1.08x at stages 1-2 (row blocks), 1.04-1.05x at stages 3-4; linear_residual_layernorm
   1.31x / 1.17x at stages 1-2, 1.00-1.04x at 3-4; linear_gelu 0.96-1.02x (the GEMMs dominate there).
+* On an AMD EPYC (Zen 5, AVX-512; GEMMs on oneDNN), 2026-12-02 at d0519c3 (``cpu-2core-2026-12-02-amd-ops.json``):
+  attention 2.7-3.8x / 2.8-3.8x at all four stages; Fused-MBConv channels-last 1.37-3.1x (below 1.5x at 56^2 x
+  64, 28^2 x 128, 14^2 x 256 and 7^2 x 512 in wall clock; 1.77-3.9x in single-thread CPU time); the block
+  epilogue ops 1.5-2.1x (their GEMMs on oneDNN, the reference's on MKL).
 * The session before, at 7e4ba32 (``cpu-2core-2026-12-01-ops.json``, 5 rounds): attention 2.0-2.8x at stages 1-3
   and 1.6-1.9x at stage 4, MBConv 1.18-1.89x.
 * Earlier, on AMD EPYC (AVX2; ``cpu-2core-2026-11-25-ops.json``): attention 2.3-3.1x / 1.6-2.7x at stages 1-3,
