@@ -1002,9 +1002,9 @@ constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
 // The fp32 channels_last Fused-MBConv with C a whole number of vectors. The gate goes into the 1x1 weights, packed
 // per image, or, on maps with H W < C, into t (C H W per image instead of C^2), with the weights packed once (or,
 // beyond PW_SHARED_MAX_BYTES, not packed: one GEMM of the backend over every image's gated t, the residual in out).
-// When there is an image per thread and an image's x and t fit a core's L2, each task runs one image through
+// When there is an image per thread and an image's t fits a core's L2, each task runs one image through
 // every step (dw + GELU rows, channel sums, gate, 1x1 + residual): t, its sums and the weights never leave the
-// core and x is read from memory once (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64
+// core and x is read from memory (or L3) only (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64
 // with a 2 MB L2; in-process A/B, batch 8, 2 threads). Otherwise each step runs over all images (rows of the map,
 // then pixel chunks). Both run the same arithmetic on every element, so the choice never changes a bit.
 at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at::Tensor& w1, const at::Tensor& w2,
@@ -1028,8 +1028,10 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
       for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
     });
   }
-  const int64_t image_bytes = 2 * HW * C * static_cast<int64_t>(sizeof(float));
-  if (!pw_gemm && B >= at::get_num_threads() && image_bytes <= l2_cache_bytes()) {
+  // an image's t within L2: its x, read twice, comes from L3 (t alone: 1.06-1.09x x and t at 56^2 x 64 with a
+  // 1 MB L2 and 32 MB L3, AMD EPYC, op A/B, 40 rounds)
+  const int64_t t_bytes = HW * C * static_cast<int64_t>(sizeof(float));
+  if (!pw_gemm && B >= at::get_num_threads() && t_bytes <= l2_cache_bytes()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(gate_t ? 0 : C * C);
       for (int64_t b = b0; b < b1; ++b) {

@@ -29,7 +29,7 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
 * ``gcvit::fused_mbconv_fwd`` -- C++ depthwise 3x3 + exact GELU + SE pool partial sums in one pass
   (NCHW and channels_last), SE gate in fp32, gate folded into the 1x1 weights per image (into t on maps with
   H W < C). fp32 channels_last with whole vectors of channels: our register-blocked 1x1 pass starting from the
-  residual, and, with an image per thread and an image's x and t within a core's L2, one task per image through
+  residual, and, with an image per thread and an image's t within a core's L2, one task per image through
   every step (t never leaves the core); otherwise (bf16, ragged C, C = 512) one GEMM of the GEMM backend (below)
   or MKL's batched GEMM with the residual as its beta=1 input.
 * ``gcvit::fused_mbconv_bwd`` -- explicit PyTorch math (recompute from the inputs).
