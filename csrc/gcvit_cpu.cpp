@@ -1004,8 +1004,8 @@ constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
 // beyond PW_SHARED_MAX_BYTES, not packed: one GEMM of the backend over every image's gated t, the residual in out).
 // When there is an image per thread and an image's t fits a core's L2, each task runs one image through
 // every step (dw + GELU rows, channel sums, gate, 1x1 + residual): t, its sums and the weights never leave the
-// core and x is read from memory (or L3) only (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64
-// with a 2 MB L2; in-process A/B, batch 8, 2 threads). Otherwise each step runs over all images (rows of the map,
+// core (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64 with a 2 MB L2; in-process A/B,
+// batch 8, 2 threads). Otherwise each step runs over all images (rows of the map,
 // then pixel chunks). Both run the same arithmetic on every element, so the choice never changes a bit.
 at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at::Tensor& w1, const at::Tensor& w2,
                             const at::Tensor& pw) {
