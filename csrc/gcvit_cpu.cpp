@@ -657,9 +657,13 @@ const LinearPointwiseOp* onednn_linear_op() {
 
 enum class GemmBackend : int { blas = 0, onednn = 1 };
 
+// (x86 only: elsewhere MKL is absent and ATen's BLAS is what torch.mm runs)
 GemmBackend default_gemm_backend() {
+#if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return !__builtin_cpu_is("intel") && onednn_matmul() ? GemmBackend::onednn : GemmBackend::blas;
+  if (!__builtin_cpu_is("intel") && onednn_matmul()) return GemmBackend::onednn;
+#endif
+  return GemmBackend::blas;
 }
 
 std::atomic<int>& gemm_backend_slot() {
