@@ -29,3 +29,23 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (this 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=("blas", "onednn"))
+def gemm_backend(request):
+    """Runs the test once per GEMM library the C++ CPU ops can use (the process-wide choice restored after);
+    skips without the extension or without that library."""
+    from gcvit_kernels import cpu
+
+    assert request.param in cpu.GEMM_BACKENDS
+    ext = cpu.load()
+    if ext is None:
+        pytest.skip(f"C++ CPU extension unavailable: {cpu.load_error()}")
+    if request.param == "onednn" and not ext.has_onednn():
+        pytest.skip("this torch has no oneDNN matmul (at::native::mkldnn_matmul)")
+    old = cpu.gemm_backend()
+    cpu.set_gemm_backend(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu.set_gemm_backend(old)

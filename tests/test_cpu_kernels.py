@@ -35,19 +35,6 @@ def num_threads(n):
         torch.set_num_threads(old)
 
 
-@pytest.fixture(params=cpu.GEMM_BACKENDS)
-def gemm_backend(request):
-    """Runs the test once per GEMM library the C++ ops can use (the process-wide choice restored after)."""
-    if request.param == "onednn" and not EXT.has_onednn():
-        pytest.skip("this torch has no oneDNN matmul (at::native::mkldnn_matmul)")
-    old = cpu.gemm_backend()
-    cpu.set_gemm_backend(request.param)
-    try:
-        yield request.param
-    finally:
-        cpu.set_gemm_backend(old)
-
-
 def make_attention(b, h, w, c, heads, wh, ww, is_global, dtype=torch.float32, gq_flat=False, padded=False):
     s = 2 if is_global else 3
     if padded:  # arbitrary strides except the last: a slice of a wider map
@@ -197,7 +184,7 @@ MB_CASES = [(2, 64, 14, 14), (2, 24, 9, 11), (3, 20, 9, 7), (1, 12, 1, 17), (2, 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", MB_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_mbconv_forward_fp32(case, channels_last):
+def test_mbconv_forward_fp32(case, channels_last, gemm_backend):
     x, ws = mbconv_inputs(*case, channels_last=channels_last)
     y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
     torch.testing.assert_close(y, ref.fused_mbconv(x, *ws), atol=ATOL32, rtol=RTOL32)

@@ -145,7 +145,7 @@ def test_cpu_half_precision_concurrent_calls_leave_the_model_intact(monkeypatch)
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("layer_scale", [None, 0.5], ids=["no_layer_scale", "layer_scale"])
-def test_cpu_inference_path_matches_reference(layer_scale):
+def test_cpu_inference_path_matches_reference(layer_scale, gemm_backend):
     """The inference-only path (fused blocks: projection + residual + LayerNorm ops, channels-last maps),
     which compare() does not take because it differentiates."""
     model = _small_model(layer_scale=layer_scale).eval()
