@@ -15,8 +15,9 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   no_grad) vs Swin-T / ConvNeXt-T eager and compiled; ``gemm-floor``, the model's Linear and dense Conv2d layers
   alone on their recorded inputs (the reference's GEMM time: its speed-up is the ceiling for fusing the rest
   around the reference's GEMMs) and ``gemm-floor-fused``, the same with the Linear layers on the fused path's
-  GEMM backend (the fused path's own floor; it differs where that backend is not MKL, i.e. off Intel); and the
-  same batch with weights and input in bf16, reference eager vs fused.
+  GEMM backend (the fused path's own floor; it differs where that backend is not MKL, i.e. off Intel); the fused
+  path with each GEMM backend forced (``fused-gemm-blas``, ``fused-gemm-onednn``: which one this CPU should
+  default to); and the same batch with weights and input in bf16, reference eager vs fused.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
@@ -131,6 +132,7 @@ class Case:
     img_size: int
     dtype: str
     window_size: Optional[int] = None  # override (tiny smoke shapes)
+    gemm: str = ""  # CPU fused: "" (the default GEMM backend) or a forced one, "blas" / "onednn"
 
     @property
     def group(self) -> str:
@@ -141,6 +143,8 @@ class Case:
         base = self.impl if self.model == "gcvit" else self.model
         if self.impl == "onnxruntime":
             return "onnxruntime-reference"
+        if self.gemm:
+            base = f"{base}-gemm-{self.gemm}"
         return f"{self.compiled}-{base}" if self.compiled else base
 
     @property
@@ -158,8 +162,8 @@ class Case:
 
 def _group(variant, task, batch, img, dtype, gcvit_modes, timm_modes=(), window_size=None) -> List[Case]:
     cases = [Case(variant, "gcvit", "reference", "", task, batch, img, dtype, window_size)]
-    for impl, compiled in gcvit_modes:
-        case = Case(variant, "gcvit", impl, compiled, task, batch, img, dtype, window_size)
+    for impl, compiled, *gemm in gcvit_modes:
+        case = Case(variant, "gcvit", impl, compiled, task, batch, img, dtype, window_size, *gemm)
         if not case.is_reference:
             cases.append(case)
     for name, compiled in timm_modes:
@@ -170,6 +174,8 @@ def _group(variant, task, batch, img, dtype, gcvit_modes, timm_modes=(), window_
 EAGER = (("fused", ""),)
 COMPILED = (("reference", "compile"), ("fused", "compile"))
 CPU_INFER_EXTRA = (("onnxruntime", ""), ("reference", "compile-frozen"))
+# the fused path with each GEMM backend forced, so a run shows which one this CPU should default to
+CPU_GEMMS = (("fused", "", "blas"), ("fused", "", "onednn"))
 TIMM_EAGER = ((SWIN, ""), (CONVNEXT, ""))
 TIMM_ALL = TIMM_EAGER + ((SWIN, "compile"), (CONVNEXT, "compile"))
 
@@ -194,8 +200,8 @@ def build_cases(settings: Settings) -> List[Case]:
         return cases
     if settings.grid == "full":
         cases = _group("tiny", "infer", 8, 224, settings.dtype,
-                       EAGER + (("onnxruntime", ""), ("gemm-floor", ""), ("gemm-floor-fused", "")) + COMPILED
-                       + (("reference", "compile-frozen"),),
+                       EAGER + (("onnxruntime", ""), ("gemm-floor", ""), ("gemm-floor-fused", "")) + CPU_GEMMS
+                       + COMPILED + (("reference", "compile-frozen"),),
                        TIMM_ALL)
         # a bf16 model on this CPU: the fused path computes in fp32 where the CPU has no native bf16
         cases += _group("tiny", "infer", 8, 224, "bf16", EAGER)
@@ -439,6 +445,9 @@ def make_runner(case: Case, device: torch.device, settings: Settings) -> Runner:
     else:
         target = torch.compile(model, backend=settings.compile_backend) if case.compiled else model
         step = profile.make_step(target, x, case.task, amp)
+    if case.gemm:
+        step = _with_gemm_backend(step, case.gemm, device)
+        info["gemm_backend"] = case.gemm
     prepare = time.perf_counter() - t0
     t1 = time.perf_counter()
     step()
@@ -448,6 +457,26 @@ def make_runner(case: Case, device: torch.device, settings: Settings) -> Runner:
     if case.compiled:
         info.update(_dynamo_counts())
     return Runner(step, first, prepare, info, keep=(model, x))
+
+
+def _with_gemm_backend(step: Callable[[], None], backend: str, device: torch.device) -> Callable[[], None]:
+    """``step`` with the C++ CPU ops' GEMMs on ``backend`` (restored after each call)."""
+    from gcvit_kernels import cpu
+
+    ext = cpu.load()
+    if device.type != "cpu" or ext is None:
+        raise Skip("a GEMM backend is a setting of the C++ CPU extension")
+    if backend == "onednn" and not ext.has_onednn():
+        raise Skip("this torch has no oneDNN matmul")
+
+    def forced():
+        previous = cpu.gemm_backend()
+        cpu.set_gemm_backend(backend)
+        try:
+            step()
+        finally:
+            cpu.set_gemm_backend(previous)
+    return forced
 
 
 def count_fused_ops(step: Callable[[], None], device: torch.device) -> Dict[str, int]:
