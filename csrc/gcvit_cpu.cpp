@@ -586,8 +586,8 @@ using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const
 // (inside a parallel region MKL runs single-threaded). Column-major BLAS computes y^T = W x^T. The integer
 // arguments live in 64-bit slots: on a little-endian CPU a 32-bit (LP64) and a 64-bit (ILP64) BLAS read the
 // same small values from them.
-inline void blas_gemm_rows(SgemmFn sgemm, const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, int64_t k,
-                      float* y, int64_t ldy) {
+inline void blas_gemm_rows(SgemmFn sgemm, const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n,
+                           int64_t k, float* y, int64_t ldy) {
   static_assert(std::endian::native == std::endian::little, "the BLAS integer slots assume little-endian");
   const int64_t m_ = n, n_ = rows, k_ = k, lda = k, ldb = ldx, ldc = ldy;
   auto i = [](const int64_t& v) { return reinterpret_cast<const int*>(&v); };
@@ -687,9 +687,8 @@ void set_gemm_backend(c10::string_view name) {
   }
 }
 
-// y (M, N) = beta y + x (M, K) @ w (N, K)^T, beta 0 or 1 (x and y with unit column stride; bf16 takes ATen's mm); multi-threaded
-// at the top level, single-threaded inside a parallel region (MKL and oneDNN both run nested calls on the calling
-// thread)
+// y (M, N) = beta y + x (M, K) @ w (N, K)^T, beta 0 or 1 (bf16 takes ATen's mm); multi-threaded at the top level,
+// single-threaded inside a parallel region (MKL and oneDNN both run nested calls on the calling thread)
 void gemm_nt(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, float beta = 0.f) {
   if (gemm_backend() == GemmBackend::onednn && x.scalar_type() == at::kFloat)
     onednn_matmul()(x, w.t(), y, beta, 1.f);

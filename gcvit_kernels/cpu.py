@@ -44,12 +44,13 @@ Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementw
   math): the qkv projection; fc1 + exact GELU; output projection + bias + layer scale + residual + the block's
   second LayerNorm in one row pass; the whole MLP half of a block, in L2-sized row blocks (one single-threaded
   GEMM per block) where the weights are small.
-* GEMM backend (:func:`gemm_backend`): every GEMM of these ops runs on MKL's BLAS ``sgemm`` (what ``torch.mm``
-  runs) or on the oneDNN inside libtorch (``at::native::mkldnn_matmul``), both found at run time. MKL runs its
-  AVX-512 kernels only on Intel CPUs; on the AMD EPYC (Zen 5) of 2026-12-02 its sgemm ran gcvit_tiny's GEMMs at
-  112-185 GFLOP/s against oneDNN's 194-352 (2 threads, fp32, batch 8), and the fused model took 1.43x (before
-  gcvit::linear) then 1.65x less time on oneDNN (in-process A/B). Default: MKL on Intel, oneDNN elsewhere;
-  ``GCVIT_CPU_GEMM=blas|onednn`` or :func:`set_gemm_backend` forces one.
+* GEMM backend (:func:`gemm_backend`): every GEMM of these ops (and of Fused-MBConv's GEMM paths) runs on MKL's
+  BLAS ``sgemm`` (what ``torch.mm`` runs) or on the oneDNN inside libtorch (``mkldnn::_linear_pointwise`` where
+  the GEMM allocates its output, ``at::native::mkldnn_matmul`` where it writes into ours), all found at run time.
+  MKL runs its AVX-512 kernels only on Intel CPUs; on the AMD EPYC (Zen 5) of 2026-12-02 its sgemm ran
+  gcvit_tiny's GEMMs at 112-185 GFLOP/s against oneDNN's 194-352 (2 threads, fp32, batch 8), and the fused model
+  ran 1.65x faster on oneDNN (in-process A/B; 1.43x before the qkv projection became gcvit::linear). Default: MKL
+  on Intel, oneDNN elsewhere on x86; ``GCVIT_CPU_GEMM=blas|onednn`` or :func:`set_gemm_backend` forces one.
 * ``inference_arena()`` -- not an op: a caching CPU allocator (in the extension) that a fused model's CPU
   inference forward allocates from, so each forward reuses the previous one's pages instead of faulting in
   fresh ones (gcvit_tiny b8: 22,600 minor faults per forward -> 0, 1.026-1.045x the model).
