@@ -12,8 +12,8 @@ kernels in training too (used by the tests).
 
 A bf16 or fp16 model in CPU inference on a CPU without native arithmetic for that dtype (no AVX512-BF16 / AMX,
 where ATen emulates it about 10x slower than fp32) runs the fused fp32 path on fp32 copies of its weights and
-rounds the output back (:func:`computes_in_fp32`): the same outputs within the dtype's tolerance, several times
-faster.
+rounds the output back (:func:`call_in_fp32_if_needed`): the same outputs within the dtype's tolerance, several
+times faster.
 
 ``use_backend("triton")`` forces the Triton kernels also for CPU tensors: with ``TRITON_INTERPRET=1`` they
 then run in Triton's interpreter, which is how the CPU-only CI checks the whole fused model.
@@ -243,25 +243,30 @@ def _cpu_computes_natively(dtype: torch.dtype) -> bool:
     return False
 
 
-def computes_in_fp32(model, x: torch.Tensor) -> bool:
-    """Whether a fused model's CPU inference on a bf16/fp16 batch runs in fp32 (see the module docstring)."""
-    if not (isinstance(x, torch.Tensor) and x.dtype in _NATIVE_HALF_PROBES and _fused_cpu_inference(model, x)):
-        return False  # (a non-tensor goes on to the model's input check and its clear error)
-    return all(p.dtype == x.dtype for p in model.parameters()) and not _cpu_computes_natively(x.dtype)
-
-
 # functional_call swaps a model's tensors for the call: concurrent calls on one model take turns, else one call
 # could restore the other's fp32 copies as the model's parameters
 _fp32_call_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
 _fp32_call_locks_guard = threading.Lock()
 
 
-def call_in_fp32(model, x: torch.Tensor):
-    """model(x) with fp32 copies of its parameters and buffers and an fp32 x; the output (a tensor or a list of
-    them) rounded back to x's dtype. Concurrent calls on the same model are serialised."""
+def call_in_fp32_if_needed(model, x: torch.Tensor):
+    """A fused model's CPU inference on a bf16/fp16 batch, when the CPU lacks native arithmetic for it and the
+    model's parameters are all in that dtype: model(x) on fp32 copies of its parameters and buffers and an fp32 x,
+    the output (a tensor or a list of them) rounded back to x's dtype. None when that does not apply (the caller
+    then runs the model as it is).
+
+    Concurrent calls on the same model are serialised, and the parameters' dtype is checked under the same lock:
+    checked outside it, a call could see another call's fp32 copies in place and run the half-precision path on
+    them."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in _NATIVE_HALF_PROBES and _fused_cpu_inference(model, x)):
+        return None  # (a non-tensor goes on to the model's input check and its clear error)
+    if _cpu_computes_natively(x.dtype):
+        return None
     with _fp32_call_locks_guard:
         lock = _fp32_call_locks.setdefault(model, threading.Lock())
     with lock:
+        if not all(p.dtype == x.dtype for p in model.parameters()):
+            return None
         state = {name: t.float() if t.is_floating_point() else t
                  for name, t in list(model.named_parameters()) + list(model.named_buffers())}
         out = torch.func.functional_call(model, state, (x.float(),))

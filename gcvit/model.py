@@ -436,8 +436,9 @@ class GlobalContextVit(nn.Module):
 
     def forward(self, x: torch.Tensor):
         with dispatch.inference_arena(self, x):
-            if dispatch.computes_in_fp32(self, x):
-                return dispatch.call_in_fp32(self, x)
+            out = dispatch.call_in_fp32_if_needed(self, x)
+            if out is not None:
+                return out
             if self.out_indices is not None:
                 return self.forward_intermediates(x, self.out_indices)
             return self.forward_head(self.forward_features(x))

@@ -118,7 +118,9 @@ def test_cpu_half_precision_inference_computes_in_fp32(monkeypatch, dtype):
 @needs_cpu_kernels
 def test_cpu_half_precision_concurrent_calls_leave_the_model_intact(monkeypatch):
     """The fp32 path swaps the model's tensors for each call; threads sharing one model must neither fail nor
-    leave fp32 copies behind as its parameters (without the per-model lock this fails every time)."""
+    leave fp32 copies behind as its parameters (without the per-model lock this fails every time; with the
+    parameters' dtype checked outside the lock, about one run in six: a call saw another's fp32 copies and ran
+    the bf16 path on them)."""
     monkeypatch.setattr(dispatch, "_cpu_computes_natively", lambda _dtype: False)
     model = _small_model(fused=True).eval().bfloat16()
     x = torch.randn(2, 3, 64, 64).bfloat16()
