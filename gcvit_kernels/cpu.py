@@ -216,16 +216,14 @@ def _apply_gemm_env(ext) -> None:
     if forced in ("", "auto"):
         return
     try:
-        if forced not in GEMM_BACKENDS:
-            raise ValueError(f"expected one of {GEMM_BACKENDS} or 'auto'")
-        ext.set_gemm_backend(forced)
+        ext.set_gemm_backend(forced)  # raises for an unknown name or a library this torch lacks
     except Exception as e:
         warnings.warn(f"gcvit: GCVIT_CPU_GEMM={forced!r} ignored ({e}); using {ext.gemm_backend()!r}", RuntimeWarning)
 
 
 def gemm_backend() -> Optional[str]:
     """The library the C++ ops' GEMMs run on: ``"blas"`` (MKL's sgemm, as ``torch.mm``) or ``"onednn"`` (the
-    oneDNN inside libtorch, through ``at::native::mkldnn_matmul``); None without the extension.
+    oneDNN inside libtorch); None without the extension.
 
     Default: ``blas`` on Intel CPUs, ``onednn`` on others (MKL takes a slower code path off Intel: on an AMD EPYC
     Zen 5 its sgemm ran gcvit_tiny's GEMMs at about half oneDNN's speed). ``GCVIT_CPU_GEMM=blas|onednn`` or

@@ -404,36 +404,25 @@ print("OK")
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+# the two Linear ops of the GEMM backend, each against its PyTorch expression
+LINEAR_OPS = {"linear": (cpu.linear, F.linear), "linear_gelu": (cpu.linear_gelu, lambda *a: F.gelu(F.linear(*a)))}
+
+
+@pytest.mark.parametrize("op", LINEAR_OPS)
 @pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((2, 49, 512), True)],
                          ids=["4d_odd", "2d_nobias", "3d_c512"])
-def test_linear_gelu_forward_and_grad(shape, bias, gemm_backend):
+def test_linear_ops_forward_and_grad(op, shape, bias, gemm_backend):
+    fused, reference = LINEAR_OPS[op]
     k = shape[-1]
     n = 3 * k
     x = torch.randn(*shape, requires_grad=True)
     w = (torch.randn(n, k) * k ** -0.5).requires_grad_()
     b = torch.randn(n, requires_grad=True) if bias else None
-    y = cpu.linear_gelu(x, w, b)
-    expected = F.gelu(F.linear(x, w, b))
+    y = fused(x, w, b)
+    expected = reference(x, w, b)
     torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
-    assert torch.equal(y.detach().reshape(-1, n), EXT.linear_gelu(x.detach().reshape(-1, k), w.detach(),
-                                                                   None if b is None else b.detach()))
-    g = torch.randn_like(y)
-    leaves = [t for t in (x, w, b) if t is not None]
-    for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(expected, leaves, g)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((2, 49, 512), True)],
-                         ids=["4d_odd", "2d_nobias", "3d_c512"])
-def test_linear_forward_and_grad(shape, bias, gemm_backend):
-    k = shape[-1]
-    n = 3 * k
-    x = torch.randn(*shape, requires_grad=True)
-    w = (torch.randn(n, k) * k ** -0.5).requires_grad_()
-    b = torch.randn(n, requires_grad=True) if bias else None
-    y = cpu.linear(x, w, b)
-    expected = F.linear(x, w, b)
-    torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
+    assert torch.equal(y.detach().reshape(-1, n), getattr(EXT, op)(x.detach().reshape(-1, k), w.detach(),
+                                                                     None if b is None else b.detach()))
     g = torch.randn_like(y)
     leaves = [t for t in (x, w, b) if t is not None]
     for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(expected, leaves, g)):
