@@ -1469,8 +1469,11 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
 // faster there).
 // On oneDNN only the smallest layers stay blocked: its per-call set-up weighs more on a block's small GEMMs, and
 // the two-GEMM path measured 1.13x the blocked one at 28^2 x 128 (op A/B twice, 30 and 50 rounds; 56^2 x 64 was
-// inconclusive, IQR 0.65-1.28), the model 1.014-1.062x with no block at all (AMD EPYC, 2 threads).
+// inconclusive, IQR 0.65-1.28), the model 1.014-1.062x with no block at all (AMD EPYC, 2 threads), and its blocks
+// are larger: at 56^2 x 64, 1024 rows measured 1.17x 256 rows and 1.17x no block, 1.02x 512 rows, 1.05x 2048 (op
+// A/B, 20 rounds, AMD EPYC Zen 4, 2 threads; at 28^2 x 128 blocks of 1024 still lost, 0.90x the two GEMMs).
 constexpr int64_t MLP_BLOCK_ROWS = 256;
+constexpr int64_t MLP_BLOCK_ROWS_ONEDNN = 1024;
 constexpr int64_t MLP_BLOCKED_MAX_WEIGHT_BYTES = 512 * 1024;
 constexpr int64_t MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN = 128 * 1024;
 
@@ -1500,12 +1503,13 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   const float* rp = residual.data_ptr<float>();
   const int64_t rs = residual.stride(0);
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (m + MLP_BLOCK_ROWS - 1) / MLP_BLOCK_ROWS;
+  const int64_t block_rows = onednn ? MLP_BLOCK_ROWS_ONEDNN : MLP_BLOCK_ROWS;
+  const int64_t blocks = (m + block_rows - 1) / block_rows;
   at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
-    std::vector<float> hidden(MLP_BLOCK_ROWS * hd);
+    std::vector<float> hidden(block_rows * hd);
     float* h = hidden.data();
     for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * MLP_BLOCK_ROWS, rows = std::min(MLP_BLOCK_ROWS, m - r0);
+      const int64_t r0 = blk * block_rows, rows = std::min(block_rows, m - r0);
       gemm_rows(xp + r0 * c, c, w1p, rows, hd, c, h, hd);
       for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
       float* o = op + r0 * c;

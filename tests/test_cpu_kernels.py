@@ -533,9 +533,9 @@ def _mlp_expected(x, w1, b1, w2, b2, residual, g):
     return residual + (y * g if g is not None else y)
 
 
-# C <= 128 runs in L2-sized row blocks (600 rows: two full blocks and a partial one; on oneDNN only C = 64),
-# C = 256 as two GEMMs
-@pytest.mark.parametrize("shape,hidden,bias,gamma", [((600, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
+# C <= 128 runs in L2-sized row blocks (2500 rows: full blocks and a partial one, of 256 rows on BLAS, of 1024 on
+# oneDNN, which blocks C = 64 only), C = 256 as two GEMMs
+@pytest.mark.parametrize("shape,hidden,bias,gamma", [((2500, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
                                                      ((3, 100, 128), 384, True, True), ((2, 49, 256), 768, True, False)],
                          ids=["c64_blocks", "c20_odd", "c128_blocks", "c256_two_gemms"])
 def test_mlp_residual_forward(shape, hidden, bias, gamma, gemm_backend):
