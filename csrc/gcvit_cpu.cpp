@@ -754,6 +754,82 @@ inline void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t rows,
 }
 
 // ------------------------------------------------------------------------------------------------
+// Register-tiled GEMM on packed weights: out (rows, N) = init + a (rows, K) @ (W * gate)^T with W (N, K) as
+// nn.Linear stores it (gate: a per-input-channel scale, or none), by fma_block. W is packed as K-major panels, one
+// per column block of the product (up to MAX_BLOCK_VECS vectors of output columns), so a block's weight loads are
+// contiguous. It runs the Fused-MBConv's 1x1 conv and, on the oneDNN backend, the Linear layers with small weights.
+// ------------------------------------------------------------------------------------------------
+
+// rows per task of a multi-threaded tiled GEMM
+constexpr int64_t TILE_ROWS_PER_TASK = 48;
+
+// the panels of a packed weight with N output columns, as (first column, width) pairs
+inline std::vector<std::pair<int64_t, int64_t>> weight_panels(int64_t N) {
+  std::vector<std::pair<int64_t, int64_t>> panels;
+  for_column_blocks<MAX_BLOCK_VECS>(N / VL,
+                                    [&](auto jv_c, int64_t j0) { panels.emplace_back(j0, decltype(jv_c)::value * VL); });
+  return panels;
+}
+
+// panel (j0, width) of packed: (w * gate)[j0 + jj, k] at j0 * K + k * width + jj (w: (N, K) contiguous)
+inline void pack_panel(const float* w, const float* gate, int64_t K, float* packed, int64_t j0, int64_t width) {
+  float* panel = packed + j0 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const float g = gate ? gate[k] : 1.f;
+    for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = w[(j0 + jj) * K + k] * g;
+  }
+}
+
+inline void pack_weight(const float* w, const float* gate, int64_t N, int64_t K, float* packed) {
+  for (const auto& [j0, width] : weight_panels(N)) pack_panel(w, gate, K, packed, j0, width);
+}
+
+// out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each; init null:
+// zero), on the calling thread
+inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N, const float* init, float* out,
+                      int64_t rows) {
+  for (int64_t p = 0; p < rows; p += STRIP_ROWS) {
+    with_rows(std::min<int64_t>(STRIP_ROWS, rows - p), [&](auto rows_c) {
+      constexpr int R = decltype(rows_c)::value;
+      for_column_blocks<MAX_BLOCK_VECS>(N / VL, [&](auto jv_c, int64_t j0) {
+        constexpr int JV = decltype(jv_c)::value;
+        Vec acc[R][JV];
+        if (init)
+          load_tile(acc, init + p * N + j0, N);  // starts from init: the add costs nothing
+        else
+          zero(acc);
+        fma_block(a + p * K, K, packed + j0 * K, JV * VL, K, acc);
+        store_tile(acc, out + p * N + j0, N);
+      });
+    });
+  }
+}
+
+// y (M, N) = x (M, K) @ W^T for fp32 x and W (N, K), N a whole number of vectors; multi-threaded (the packing over
+// panels, the product over tasks of TILE_ROWS_PER_TASK rows)
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor packed = at::empty({N * K}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* pk = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto panels = weight_panels(N);
+  at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel(wp, nullptr, K, pk, panels[p].first, panels[p].second);
+  });
+  at::parallel_for(0, (M + TILE_ROWS_PER_TASK - 1) / TILE_ROWS_PER_TASK, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t r0 = task * TILE_ROWS_PER_TASK, rows = std::min(M, r0 + TILE_ROWS_PER_TASK) - r0;
+      tile_rows(xp + r0 * K, K, pk, N, nullptr, yp + r0 * N, rows);
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------------
 // Fused-MBConv: t = gelu(dwconv3x3(x)) with per-image channel sums, in one pass over x.
 // ------------------------------------------------------------------------------------------------
 
@@ -986,52 +1062,10 @@ void dw_gelu_pool_nhwc(const at::Tensor& x, const at::Tensor& w9t, at::Tensor& t
 }
 
 // The gated 1x1 conv with its residual in one pass, fp32 channels_last (pixels x C rows, C a whole number of
-// vectors): out[b, p, :] = x[b, p, :] + t[b, p, :] @ (pw * gate[b])^T, by fma_block. Each image's gated weight is
-// packed as K-major panels, one per column block of the pass (up to MAX_BLOCK_VECS vectors of output channels),
-// so a block's weight loads are contiguous; the accumulators start from the residual and out is written once (MKL's
-// baddbmm, used for bf16 and ragged C, copies x into out and runs a beta = 1 GEMM over it). 1.10-1.14x the baddbmm
-// path at 28^2 and 14^2 with C = 64 / 128, the same at 56^2 and 112^2 (batch 8, 2 threads).
-constexpr int64_t PW_PIXELS_PER_TASK = 48;
-
-// out = x + t @ packed^T for npix consecutive pixels (rows of C floats)
-inline void pw_residual_rows(const float* t, const float* x, const float* packed, float* out, int64_t npix,
-                             int64_t C) {
-  for (int64_t p = 0; p < npix; p += STRIP_ROWS) {
-    const int64_t off = p * C;
-    with_rows(std::min<int64_t>(STRIP_ROWS, npix - p), [&](auto rows_c) {
-      constexpr int R = decltype(rows_c)::value;
-      for_column_blocks<MAX_BLOCK_VECS>(C / VL, [&](auto jv_c, int64_t j0) {
-        constexpr int JV = decltype(jv_c)::value;
-        Vec acc[R][JV];
-        load_tile(acc, x + off + j0, C);  // starts from the residual: the add costs nothing
-        fma_block(t + off, C, packed + j0 * C, JV * VL, C, acc);
-        store_tile(acc, out + off + j0, C);
-      });
-    });
-  }
-}
-
-// the panels of packed (C, C) = pw * gate (gate: one image's (C), or none), as (first column, width) pairs: the
-// column blocks of pw_residual_rows
-inline std::vector<std::pair<int64_t, int64_t>> pw_panels(int64_t C) {
-  std::vector<std::pair<int64_t, int64_t>> panels;
-  for_column_blocks<MAX_BLOCK_VECS>(C / VL,
-                                    [&](auto jv_c, int64_t j0) { panels.emplace_back(j0, decltype(jv_c)::value * VL); });
-  return panels;
-}
-
-// panel (j0, width) of packed: (pw * gate)[j0 + jj, k] at j0 * C + k * width + jj (pw: (C_out, C_in) contiguous)
-inline void pack_pw(const float* pw, const float* gate, int64_t C, float* packed, int64_t j0, int64_t width) {
-  float* panel = packed + j0 * C;
-  for (int64_t k = 0; k < C; ++k) {
-    const float g = gate ? gate[k] : 1.f;
-    for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = pw[(j0 + jj) * C + k] * g;
-  }
-}
-
-inline void pack_gated_pw(const float* pw, const float* gate, int64_t C, float* packed) {
-  for (const auto& [j0, width] : pw_panels(C)) pack_pw(pw, gate, C, packed, j0, width);
-}
+// vectors): out[b, p, :] = x[b, p, :] + t[b, p, :] @ (pw * gate[b])^T by tile_rows, the accumulators starting from the
+// residual so out is written once (MKL's baddbmm, used for bf16 and ragged C, copies x into out and runs a beta = 1
+// GEMM over it). 1.10-1.14x the baddbmm path at 28^2 and 14^2 with C = 64 / 128, the same at 56^2 and 112^2 (batch
+// 8, 2 threads).
 
 // t[p, :] *= gate for npix rows of C floats
 inline void gate_rows(float* t, const float* gate, int64_t npix, int64_t C) {
@@ -1103,9 +1137,9 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   at::Tensor shared = at::empty({gate_t && !pw_gemm ? C * C : 0}, x.options());  // the ungated weights, packed
   float* shp = shared.data_ptr<float>();
   if (gate_t && !pw_gemm) {
-    const auto panels = pw_panels(C);
+    const auto panels = weight_panels(C);
     at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) pack_pw(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
+      for (int64_t p = p0; p < p1; ++p) pack_panel(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
     });
   }
   // an image's t within L2: its x, read twice, comes from L3 (t alone: 1.06-1.09x x and t at 56^2 x 64 with a
@@ -1122,8 +1156,8 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
         if (gate_t)
           gate_rows(t.data(), gate.data(), HW, C);
         else
-          pack_gated_pw(pwp, gate.data(), C, packed.data());
-        pw_residual_rows(t.data(), xp + b * HW * C, gate_t ? shp : packed.data(), op + b * HW * C, HW, C);
+          pack_weight(pwp, gate.data(), C, C, packed.data());
+        tile_rows(t.data(), C, gate_t ? shp : packed.data(), C, xp + b * HW * C, op + b * HW * C, HW);
       }
     });
     return out;
@@ -1145,19 +1179,19 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
     for (int64_t b = b0; b < b1; ++b) {
       sum_rows(rp + b * H * C, H, C, sums.data());
       se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gp + b * C);
-      if (!gate_t) pack_gated_pw(pwp, gp + b * C, C, pk + b * C * C);
+      if (!gate_t) pack_weight(pwp, gp + b * C, C, C, pk + b * C * C);
     }
   });
-  const int64_t tasks_per_image = (HW + PW_PIXELS_PER_TASK - 1) / PW_PIXELS_PER_TASK;
+  const int64_t tasks_per_image = (HW + TILE_ROWS_PER_TASK - 1) / TILE_ROWS_PER_TASK;
   at::parallel_for(0, B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * PW_PIXELS_PER_TASK;
-      const int64_t npix = std::min(HW, p0 + PW_PIXELS_PER_TASK) - p0, off = (b * HW + p0) * C;
+      const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * TILE_ROWS_PER_TASK;
+      const int64_t npix = std::min(HW, p0 + TILE_ROWS_PER_TASK) - p0, off = (b * HW + p0) * C;
       if (gate_t) gate_rows(tp + off, gp + b * C, npix, C);
       if (pw_gemm)  // the residual, for the GEMM's beta = 1
         std::memcpy(op + off, xp + off, npix * C * sizeof(float));
       else
-        pw_residual_rows(tp + off, xp + off, gate_t ? shp : pk + b * C * C, op + off, npix, C);
+        tile_rows(tp + off, C, gate_t ? shp : pk + b * C * C, C, xp + off, op + off, npix);
     }
   });
   if (pw_gemm) {
@@ -1285,11 +1319,31 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
+// On the oneDNN backend of an AVX-512 build, weights up to this size (N a whole number of vectors) take tile_linear:
+// over oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 20 rounds, the packing
+// included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.10x at 28^2, 1.06x for the 256 x 256 projection at
+// 14^2; beyond it oneDNN's blocking wins (1.00x at 14^2 with 768 x 256, 0.62-0.64x at 7^2 with 1-3 MB of weights).
+// (The BLAS backend, the Intel default, keeps MKL's sgemm: unmeasured there.)
+constexpr int64_t TILE_LINEAR_MAX_WEIGHT_BYTES = 512 * 1024;
+
+// whether an fp32 weight (N, K) takes the tiled GEMM
+bool tiled_linear(int64_t N, int64_t K) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return gemm_backend() == GemmBackend::onednn && N % VL == 0 &&
+         N * K * static_cast<int64_t>(sizeof(float)) <= TILE_LINEAR_MAX_WEIGHT_BYTES;
+#else
+  return false;
+#endif
+}
+
 // y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
-  if (gemm_backend() == GemmBackend::onednn && onednn_linear_op()) {
-    static const c10::List<std::optional<at::Scalar>> no_scalars;
-    return onednn_linear_op()->call(x.contiguous(), w, c10::nullopt, "none", no_scalars, c10::nullopt);
+  if (tiled_linear(w.size(0), w.size(1))) return tile_linear(x, w);
+  if (gemm_backend() == GemmBackend::onednn) {
+    if (onednn_linear_op()) {
+      static const c10::List<std::optional<at::Scalar>> no_scalars;
+      return onednn_linear_op()->call(x.contiguous(), w, c10::nullopt, "none", no_scalars, c10::nullopt);
+    }
   }
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
   gemm_nt(x.contiguous(), w, y);
@@ -1467,11 +1521,14 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
 // a full (M, hidden) round trip through memory (measured 1.15-1.3x at gcvit_tiny's 56^2 x 64 and 28^2 x 128
 // stages); larger layers run as linear_gelu then linear_residual (multi-threaded GEMMs, which measured
 // faster there).
-// On oneDNN only the smallest layers stay blocked: its per-call set-up weighs more on a block's small GEMMs, and
-// the two-GEMM path measured 1.13x the blocked one at 28^2 x 128 (op A/B twice, 30 and 50 rounds; 56^2 x 64 was
-// inconclusive, IQR 0.65-1.28), the model 1.014-1.062x with no block at all (AMD EPYC, 2 threads), and its blocks
-// are larger: at 56^2 x 64, 1024 rows measured 1.17x 256 rows and 1.17x no block, 1.02x 512 rows, 1.05x 2048 (op
-// A/B, 20 rounds, AMD EPYC Zen 4, 2 threads; at 28^2 x 128 blocks of 1024 still lost, 0.90x the two GEMMs).
+// With tiled weights (tiled_linear: oneDNN backend, AVX-512) the blocks run tile_rows on weights packed once per
+// call: over the blocks of oneDNN GEMMs below, 1.21x at 56^2 x 64; blocked, 1.09x the two tiled GEMMs at 28^2 x 128
+// (op A/B, 20 rounds, AMD EPYC Zen 4, 2 threads).
+// Otherwise, on oneDNN, only the smallest layers stay blocked: its per-call set-up weighs more on a block's small
+// GEMMs, and the two-GEMM path measured 1.13x the blocked one at 28^2 x 128 (op A/B twice, 30 and 50 rounds; 56^2 x
+// 64 was inconclusive, IQR 0.65-1.28), the model 1.014-1.062x with no block at all (AMD EPYC, 2 threads), and its
+// blocks are larger: at 56^2 x 64, 1024 rows measured 1.17x 256 rows and 1.17x no block, 1.02x 512 rows, 1.05x 2048
+// (op A/B, 20 rounds, AMD EPYC Zen 4, 2 threads; at 28^2 x 128 blocks of 1024 still lost, 0.90x the two GEMMs).
 constexpr int64_t MLP_BLOCK_ROWS = 256;
 constexpr int64_t MLP_BLOCK_ROWS_ONEDNN = 1024;
 constexpr int64_t MLP_BLOCKED_MAX_WEIGHT_BYTES = 512 * 1024;
@@ -1488,7 +1545,9 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   check_residual("mlp_residual", residual, m, c);
   check_vector("mlp_residual", "gamma", gamma, c);
   const bool onednn = gemm_backend() == GemmBackend::onednn;
-  const int64_t max_blocked = onednn ? MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN : MLP_BLOCKED_MAX_WEIGHT_BYTES;
+  // tiled: both weights packed once, each block's GEMMs by tile_rows
+  const bool tiled = tiled_linear(hd, c) && tiled_linear(c, hd);
+  const int64_t max_blocked = onednn && !tiled ? MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN : MLP_BLOCKED_MAX_WEIGHT_BYTES;
   if (!(onednn || blas_sgemm()) || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > max_blocked)
     return linear_residual(linear_gelu(x, w1, b1), w2, b2, residual, gamma);
   at::Tensor xc = x.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
@@ -1503,17 +1562,38 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   const float* rp = residual.data_ptr<float>();
   const int64_t rs = residual.stride(0);
   float* op = out.data_ptr<float>();
-  const int64_t block_rows = onednn ? MLP_BLOCK_ROWS_ONEDNN : MLP_BLOCK_ROWS;
+  at::Tensor packed = at::empty({tiled ? 2 * hd * c : 0}, x.options());
+  float* pk1 = packed.data_ptr<float>();
+  float* pk2 = pk1 + (tiled ? hd * c : 0);
+  if (tiled) {
+    const auto panels1 = weight_panels(hd), panels2 = weight_panels(c);
+    const int64_t n1 = static_cast<int64_t>(panels1.size());
+    at::parallel_for(0, n1 + static_cast<int64_t>(panels2.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        if (p < n1)
+          pack_panel(w1p, nullptr, c, pk1, panels1[p].first, panels1[p].second);
+        else
+          pack_panel(w2p, nullptr, hd, pk2, panels2[p - n1].first, panels2[p - n1].second);
+      }
+    });
+  }
+  const int64_t block_rows = onednn && !tiled ? MLP_BLOCK_ROWS_ONEDNN : MLP_BLOCK_ROWS;
   const int64_t blocks = (m + block_rows - 1) / block_rows;
   at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<float> hidden(block_rows * hd);
     float* h = hidden.data();
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block_rows, rows = std::min(block_rows, m - r0);
-      gemm_rows(xp + r0 * c, c, w1p, rows, hd, c, h, hd);
-      for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
       float* o = op + r0 * c;
-      gemm_rows(h, hd, w2p, rows, c, hd, o, c);
+      if (tiled)
+        tile_rows(xp + r0 * c, c, pk1, hd, nullptr, h, rows);
+      else
+        gemm_rows(xp + r0 * c, c, w1p, rows, hd, c, h, hd);
+      for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
+      if (tiled)
+        tile_rows(h, hd, pk2, c, nullptr, o, rows);
+      else
+        gemm_rows(h, hd, w2p, rows, c, hd, o, c);
       for (int64_t r = 0; r < rows; ++r) residual_row(o + r * c, rp + (r0 + r) * rs, bp2, gp, c);
     }
   });
