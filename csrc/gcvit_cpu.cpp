@@ -38,11 +38,13 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <list>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -784,6 +786,25 @@ inline void pack_weight(const float* w, const float* gate, int64_t N, int64_t K,
   for (const auto& [j0, width] : weight_panels(N)) pack_panel(w, gate, K, packed, j0, width);
 }
 
+// ungated weights w (N, K) into packed, every panel of every weight a task of one parallel loop
+struct PackJob {
+  const float* w;
+  int64_t N, K;
+  float* packed;
+};
+
+inline void pack_weights_parallel(std::initializer_list<PackJob> jobs) {
+  std::vector<std::pair<const PackJob*, std::pair<int64_t, int64_t>>> tasks;
+  for (const PackJob& job : jobs)
+    for (const auto& panel : weight_panels(job.N)) tasks.emplace_back(&job, panel);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const PackJob& job = *tasks[t].first;
+      pack_panel(job.w, nullptr, job.K, job.packed, tasks[t].second.first, tasks[t].second.second);
+    }
+  });
+}
+
 // out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each; init null:
 // zero), on the calling thread
 inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N, const float* init, float* out,
@@ -816,10 +837,7 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = wc.data_ptr<float>();
   float* pk = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const auto panels = weight_panels(N);
-  at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) pack_panel(wp, nullptr, K, pk, panels[p].first, panels[p].second);
-  });
+  pack_weights_parallel({{wp, N, K, pk}});
   at::parallel_for(0, (M + TILE_ROWS_PER_TASK - 1) / TILE_ROWS_PER_TASK, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t r0 = task * TILE_ROWS_PER_TASK, rows = std::min(M, r0 + TILE_ROWS_PER_TASK) - r0;
@@ -1136,12 +1154,7 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   float* op = out.data_ptr<float>();
   at::Tensor shared = at::empty({gate_t && !pw_gemm ? C * C : 0}, x.options());  // the ungated weights, packed
   float* shp = shared.data_ptr<float>();
-  if (gate_t && !pw_gemm) {
-    const auto panels = weight_panels(C);
-    at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) pack_panel(pwp, nullptr, C, shp, panels[p].first, panels[p].second);
-    });
-  }
+  if (gate_t && !pw_gemm) pack_weights_parallel({{pwp, C, C, shp}});
   // an image's t within L2: its x, read twice, comes from L3 (t alone: 1.06-1.09x x and t at 56^2 x 64 with a
   // 1 MB L2 and 32 MB L3, AMD EPYC, op A/B, 40 rounds)
   const int64_t t_bytes = HW * C * static_cast<int64_t>(sizeof(float));
@@ -1565,18 +1578,7 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   at::Tensor packed = at::empty({tiled ? 2 * hd * c : 0}, x.options());
   float* pk1 = packed.data_ptr<float>();
   float* pk2 = pk1 + (tiled ? hd * c : 0);
-  if (tiled) {
-    const auto panels1 = weight_panels(hd), panels2 = weight_panels(c);
-    const int64_t n1 = static_cast<int64_t>(panels1.size());
-    at::parallel_for(0, n1 + static_cast<int64_t>(panels2.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        if (p < n1)
-          pack_panel(w1p, nullptr, c, pk1, panels1[p].first, panels1[p].second);
-        else
-          pack_panel(w2p, nullptr, hd, pk2, panels2[p - n1].first, panels2[p - n1].second);
-      }
-    });
-  }
+  if (tiled) pack_weights_parallel({{w1p, hd, c, pk1}, {w2p, c, hd, pk2}});
   const int64_t block_rows = onednn && !tiled ? MLP_BLOCK_ROWS_ONEDNN : MLP_BLOCK_ROWS;
   const int64_t blocks = (m + block_rows - 1) / block_rows;
   at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
