@@ -92,6 +92,7 @@ in-process A/B of two builds (alternating call by call) that the commit messages
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -758,7 +759,7 @@ def _use_kernel(*tensors) -> bool:
 
 def _rows(t, n):
     """(M, n) view of a (..., n) tensor with unit column stride (a copy only when the layout needs one)."""
-    t2 = t.reshape(-1, n)
+    t2 = t.reshape(math.prod(t.shape[:-1]), n)  # not -1: with n == 0 the row count would be ambiguous
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 

@@ -433,6 +433,14 @@ def test_linear_ops_forward_and_grad(op, shape, bias, gemm_backend):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("m,k,n", [(0, 64, 192), (5, 0, 32), (7, 1, 16)], ids=["no_rows", "no_inputs", "one_input"])
+def test_linear_ops_degenerate_shapes(m, k, n, gemm_backend):
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    with torch.inference_mode():
+        for op, (fused, reference) in LINEAR_OPS.items():
+            torch.testing.assert_close(fused(x, w, b), reference(x, w, b), atol=ATOL32, rtol=RTOL32)
+
+
 def test_linear_other_dtypes_and_errors():
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     w, b = torch.randn(6, 8, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64)
