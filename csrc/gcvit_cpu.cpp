@@ -1333,11 +1333,12 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
 }
 
 // On the oneDNN backend of an AVX-512 build, weights up to this size (N a whole number of vectors) take tile_linear:
-// over oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 20 rounds, the packing
-// included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.10x at 28^2, 1.06x for the 256 x 256 projection at
-// 14^2; beyond it oneDNN's blocking wins (1.00x at 14^2 with 768 x 256, 0.62-0.64x at 7^2 with 1-3 MB of weights).
-// (The BLAS backend, the Intel default, keeps MKL's sgemm: unmeasured there.)
-constexpr int64_t TILE_LINEAR_MAX_WEIGHT_BYTES = 512 * 1024;
+// over oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 15-21 rounds, the packing
+// included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.24x at 28^2, at 14^2 1.06-1.26x for the 256 x 256
+// projection and 1.00-1.18x for the 768 x 256 and 256 x 768 ones (three runs); at 7^2, with 1-3 MB of weights,
+// oneDNN's blocking wins (0.62-0.94x; blocking our depth and splitting the columns across threads instead of the
+// rows did not change that, 0.75-0.98x). (The BLAS backend, the Intel default, keeps MKL's sgemm: unmeasured there.)
+constexpr int64_t TILE_LINEAR_MAX_WEIGHT_BYTES = 768 * 1024;
 
 // whether an fp32 weight (N, K) takes the tiled GEMM
 bool tiled_linear(int64_t N, int64_t K) {

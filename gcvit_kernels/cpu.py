@@ -51,9 +51,9 @@ Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementw
   gcvit_tiny's GEMMs at 112-185 GFLOP/s against oneDNN's 194-352 (2 threads, fp32, batch 8), and the fused model
   ran 1.65x faster on oneDNN (in-process A/B; 1.43x before the qkv projection became gcvit::linear). Default: MKL
   on Intel, oneDNN elsewhere on x86; ``GCVIT_CPU_GEMM=blas|onednn`` or :func:`set_gemm_backend` forces one.
-  On the oneDNN backend of an AVX-512 build, Linear weights up to 512 KiB (gcvit_tiny's 56^2 and 28^2 stages, the
-  14^2 projection) run instead on the extension's register-tiled GEMM (the one of Fused-MBConv's 1x1 conv), which
-  measured 1.04-1.14x oneDNN's there (AMD EPYC Zen 4), and the MLP blocks then run on it too (1.21x at 56^2).
+  On the oneDNN backend of an AVX-512 build, Linear weights up to 768 KiB (all of gcvit_tiny's but the 7^2 stage's)
+  run instead on the extension's register-tiled GEMM (the one of Fused-MBConv's 1x1 conv), which measured 1.0-1.26x
+  oneDNN's there (AMD EPYC Zen 4), and the MLP blocks then run on it too (1.21x at 56^2).
 * ``inference_arena()`` -- not an op: a caching CPU allocator (in the extension) that a fused model's CPU
   inference forward allocates from, so each forward reuses the previous one's pages instead of faulting in
   fresh ones (gcvit_tiny b8: 22,600 minor faults per forward -> 0, 1.026-1.045x the model).
