@@ -200,6 +200,12 @@ template <int N, typename F>
   unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
+// f(r, v) for every element of an R x JV tile, both indices compile-time constants
+template <int R, int JV, typename F>
+[[gnu::always_inline]] inline void unroll_tile(F&& f) {
+  unroll<R>([&](auto r) FORCE_INLINE { unroll<JV>([&](auto v) FORCE_INLINE { f(r, v); }); });
+}
+
 // The register-blocked product under the attention and the 1x1 conv: acc[r][v] += sum_k a[r * lda + k] *
 // b[k * ldb + v * VL] for R rows and JV vectors of columns (R up to STRIP_ROWS, JV up to MAX_BLOCK_VECS; see
 // below).
@@ -218,24 +224,18 @@ template <int R, int JV>
 
 template <int R, int JV>
 [[gnu::always_inline]] inline void zero(Vec (&acc)[R][JV]) {
-  unroll<R>([&](auto r) FORCE_INLINE {
-    unroll<JV>([&](auto v) FORCE_INLINE { acc[r][v] = Vec(0.f); });
-  });
+  unroll_tile<R, JV>([&](auto r, auto v) FORCE_INLINE { acc[r][v] = Vec(0.f); });
 }
 
 // an R x JV-vector tile from / to rows ld floats apart
 template <int R, int JV>
 [[gnu::always_inline]] inline void load_tile(Vec (&acc)[R][JV], const float* src, int64_t ld) {
-  unroll<R>([&](auto r) FORCE_INLINE {
-    unroll<JV>([&](auto v) FORCE_INLINE { acc[r][v] = Vec::loadu(src + r * ld + v * VL); });
-  });
+  unroll_tile<R, JV>([&](auto r, auto v) FORCE_INLINE { acc[r][v] = Vec::loadu(src + r * ld + v * VL); });
 }
 
 template <int R, int JV>
 [[gnu::always_inline]] inline void store_tile(const Vec (&acc)[R][JV], float* dst, int64_t ld) {
-  unroll<R>([&](auto r) FORCE_INLINE {
-    unroll<JV>([&](auto v) FORCE_INLINE { acc[r][v].store(dst + r * ld + v * VL); });
-  });
+  unroll_tile<R, JV>([&](auto r, auto v) FORCE_INLINE { acc[r][v].store(dst + r * ld + v * VL); });
 }
 
 // f(std::integral_constant<int, JV>, first column) over nvec vectors of columns: blocks of MAX_JV (4 or 2) vectors,
@@ -294,9 +294,7 @@ inline void qk_strip(const float* q, int64_t rows, int64_t d, const float* kt, i
       load_tile(acc, bias + i0 * np + j0, np);  // starts from the bias: the add costs nothing
       fma_block(q + i0 * d, d, kt + j0, np, d, acc);
       store_tile(acc, s + j0, np);
-      unroll<R>([&](auto r) FORCE_INLINE {
-        unroll<JV>([&](auto v) FORCE_INLINE { rmax[r] = max_lanes(rmax[r], acc[r][v]); });
-      });
+      unroll_tile<R, JV>([&](auto r, auto v) FORCE_INLINE { rmax[r] = max_lanes(rmax[r], acc[r][v]); });
     });
     for (int r = 0; r < R; ++r)
       row_max[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return max_lanes(a, b); }, rmax[r]);
@@ -1353,11 +1351,9 @@ bool tiled_linear(int64_t N, int64_t K) {
 // y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   if (tiled_linear(w.size(0), w.size(1))) return tile_linear(x, w);
-  if (gemm_backend() == GemmBackend::onednn) {
-    if (onednn_linear_op()) {
-      static const c10::List<std::optional<at::Scalar>> no_scalars;
-      return onednn_linear_op()->call(x.contiguous(), w, c10::nullopt, "none", no_scalars, c10::nullopt);
-    }
+  if (gemm_backend() == GemmBackend::onednn && onednn_linear_op()) {
+    static const c10::List<std::optional<at::Scalar>> no_scalars;
+    return onednn_linear_op()->call(x.contiguous(), w, c10::nullopt, "none", no_scalars, c10::nullopt);
   }
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
   gemm_nt(x.contiguous(), w, y);
@@ -1587,16 +1583,17 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
     float* h = hidden.data();
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * block_rows, rows = std::min(block_rows, m - r0);
+      // y (rows, n) = a (rows, k) @ w^T, contiguous rows; packed: w's panels when tiled
+      auto block_gemm = [&](const float* a, const float* w, const float* packed, int64_t n, int64_t k, float* y) {
+        if (tiled)
+          tile_rows(a, k, packed, n, nullptr, y, rows);
+        else
+          gemm_rows(a, k, w, rows, n, k, y, n);
+      };
       float* o = op + r0 * c;
-      if (tiled)
-        tile_rows(xp + r0 * c, c, pk1, hd, nullptr, h, rows);
-      else
-        gemm_rows(xp + r0 * c, c, w1p, rows, hd, c, h, hd);
+      block_gemm(xp + r0 * c, w1p, pk1, hd, c, h);
       for (int64_t r = 0; r < rows; ++r) bias_gelu_row(h + r * hd, bp1, hd);
-      if (tiled)
-        tile_rows(h, hd, pk2, c, nullptr, o, rows);
-      else
-        gemm_rows(h, hd, w2p, rows, c, hd, o, c);
+      block_gemm(h, w2p, pk2, c, hd, o);
       for (int64_t r = 0; r < rows; ++r) residual_row(o + r * c, rp + (r0 + r) * rs, bp2, gp, c);
     }
   });

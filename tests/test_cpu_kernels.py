@@ -409,7 +409,7 @@ LINEAR_OPS = {"linear": (cpu.linear, F.linear), "linear_gelu": (cpu.linear_gelu,
 
 
 @pytest.mark.parametrize("op", LINEAR_OPS)
-# on oneDNN with AVX-512, weights up to 512 KiB with N a whole number of vectors take the tiled GEMM: 37 x 64 (one
+# on oneDNN with AVX-512, weights up to 768 KiB with N a whole number of vectors take the tiled GEMM: 37 x 64 (one
 # ragged task) and 130 x 16 (N = 48: panels of 2 and 1 vectors, tasks of 48 rows and a partial one); the others
 # take oneDNN's (N = 60; 3 MB of weights)
 @pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((130, 16), True),
@@ -545,8 +545,8 @@ def _mlp_expected(x, w1, b1, w2, b2, residual, g):
     return residual + (y * g if g is not None else y)
 
 
-# C <= 128 runs in L2-sized row blocks (2500 rows: full blocks and a partial one, of 256 rows on BLAS, of 1024 on
-# oneDNN, which blocks C = 64 only), C = 256 as two GEMMs
+# C <= 128 runs in L2-sized row blocks (2500 rows: full blocks and a partial one; 256 rows on BLAS and on oneDNN's
+# tiled blocks (AVX-512), 1024 rows and C = 64 only on oneDNN's own GEMMs), C = 256 as two GEMMs
 @pytest.mark.parametrize("shape,hidden,bias,gamma", [((2500, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
                                                      ((3, 100, 128), 384, True, True), ((2, 49, 256), 768, True, False)],
                          ids=["c64_blocks", "c20_odd", "c128_blocks", "c256_two_gemms"])
