@@ -1350,6 +1350,8 @@ bool tiled_linear(int64_t N, int64_t K) {
 
 // y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  // no input features: a sum of nothing (oneDNN's inner product refuses K = 0)
+  if (w.size(1) == 0) return at::zeros({x.size(0), w.size(0)}, x.options());
   if (tiled_linear(w.size(0), w.size(1))) return tile_linear(x, w);
   if (gemm_backend() == GemmBackend::onednn && onednn_linear_op()) {
     static const c10::List<std::optional<at::Scalar>> no_scalars;
