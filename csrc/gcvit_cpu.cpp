@@ -772,12 +772,19 @@ inline std::vector<std::pair<int64_t, int64_t>> weight_panels(int64_t N) {
 }
 
 // panel (j0, width) of packed: (w * gate)[j0 + jj, k] at j0 * K + k * width + jj (w: (N, K) contiguous)
+// (VL x VL register transposes, then the gate on each row of the panel: the same products as one at a time)
 inline void pack_panel(const float* w, const float* gate, int64_t K, float* packed, int64_t j0, int64_t width) {
   float* panel = packed + j0 * K;
-  for (int64_t k = 0; k < K; ++k) {
-    const float g = gate ? gate[k] : 1.f;
-    for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = w[(j0 + jj) * K + k] * g;
-  }
+  const int64_t kv = K / VL * VL;
+  for (int64_t jj = 0; jj < width; jj += VL)
+    for (int64_t k = 0; k < kv; k += VL)
+      at::vec::transpose_mxn<float, VL, VL>(w + (j0 + jj) * K + k, K, panel + k * width + jj, width);
+  for (int64_t k = kv; k < K; ++k)
+    for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = w[(j0 + jj) * K + k];
+  if (gate)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t jj = 0; jj < width; jj += VL)
+        (Vec::loadu(panel + k * width + jj) * Vec(gate[k])).store(panel + k * width + jj);
 }
 
 inline void pack_weight(const float* w, const float* gate, int64_t N, int64_t K, float* packed) {
@@ -803,10 +810,11 @@ inline void pack_weights_parallel(std::initializer_list<PackJob> jobs) {
   });
 }
 
-// out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each; init null:
-// zero), on the calling thread
+// out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each, or ldo apart
+// when it is given; init null: zero), on the calling thread
 inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N, const float* init, float* out,
-                      int64_t rows) {
+                      int64_t rows, int64_t ldo = 0) {
+  if (ldo == 0) ldo = N;
   for (int64_t p = 0; p < rows; p += STRIP_ROWS) {
     with_rows(std::min<int64_t>(STRIP_ROWS, rows - p), [&](auto rows_c) {
       constexpr int R = decltype(rows_c)::value;
@@ -814,35 +822,56 @@ inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N,
         constexpr int JV = decltype(jv_c)::value;
         Vec acc[R][JV];
         if (init)
-          load_tile(acc, init + p * N + j0, N);  // starts from init: the add costs nothing
+          load_tile(acc, init + p * ldo + j0, ldo);  // starts from init: the add costs nothing
         else
           zero(acc);
         fma_block(a + p * K, K, packed + j0 * K, JV * VL, K, acc);
-        store_tile(acc, out + p * N + j0, N);
+        store_tile(acc, out + p * ldo + j0, ldo);
       });
     });
   }
 }
 
-// y (M, N) = x (M, K) @ W^T for fp32 x and W (N, K), N a whole number of vectors; multi-threaded (the packing over
-// panels, the product over tasks of TILE_ROWS_PER_TASK rows)
-at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  at::Tensor packed = at::empty({N * K}, x.options());
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
+// whether our tiled GEMMs replace the backend's where measured faster: on the oneDNN backend of AVX-512 builds
+// (AVX2's 16 registers hold a 6 x 2-vector tile, which measured no faster than oneDNN: 0.99x at 7^2 x 512)
+bool tiled_gemm_pays() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return gemm_backend() == GemmBackend::onednn;
+#else
+  return false;
+#endif
+}
+
+// Packed weights up to this size stream from a core's L2 once per strip of rows; larger ones are split into
+// column groups of at most this size (a quarter of a 1 MB L2 left to the strips of a and out)
+constexpr int64_t TILE_GROUP_MAX_WEIGHT_BYTES = 768 * 1024;
+
+// out (M, N) = init (M, N) + a (M, K) @ W^T (init null: zero) for W (N, K) as nn.Linear stores it, N a whole number
+// of vectors; multi-threaded. W is packed (in parallel over panels), then tile_rows runs tasks of TILE_ROWS_PER_TASK
+// rows of one column group; groups are contiguous runs of panels of up to TILE_GROUP_MAX_WEIGHT_BYTES, and tasks
+// go group-major, so a thread's run of tasks streams one group's weights from its L2 instead of all of them per
+// strip (7^2 x 512, 1 MB in two groups: 1.04-1.08x oneDNN's inner product; 1536 x 512, 3 MB in four: 1.03-1.05x;
+// AMD EPYC Zen 4, 2 threads, 30-40 rounds, two runs). Every element is the same sum in the same order whatever the
+// split.
+void tile_gemm(const float* a, int64_t M, int64_t K, const float* w, int64_t N, const float* init, float* out) {
+  at::Tensor packed = at::empty({N * K}, at::TensorOptions().dtype(at::kFloat));
   float* pk = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  pack_weights_parallel({{wp, N, K, pk}});
-  at::parallel_for(0, (M + TILE_ROWS_PER_TASK - 1) / TILE_ROWS_PER_TASK, 1, [&](int64_t t0, int64_t t1) {
+  pack_weights_parallel({{w, N, K, pk}});
+  const auto panels = weight_panels(N);
+  const int64_t np = static_cast<int64_t>(panels.size());
+  const int64_t bytes = N * K * static_cast<int64_t>(sizeof(float));
+  const int64_t groups = std::min<int64_t>(np, (bytes + TILE_GROUP_MAX_WEIGHT_BYTES - 1) / TILE_GROUP_MAX_WEIGHT_BYTES);
+  const int64_t row_tasks = (M + TILE_ROWS_PER_TASK - 1) / TILE_ROWS_PER_TASK;
+  at::parallel_for(0, groups * row_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t r0 = task * TILE_ROWS_PER_TASK, rows = std::min(M, r0 + TILE_ROWS_PER_TASK) - r0;
-      tile_rows(xp + r0 * K, K, pk, N, nullptr, yp + r0 * N, rows);
+      const int64_t g = task / row_tasks, r0 = task % row_tasks * TILE_ROWS_PER_TASK;
+      const auto& first = panels[np * g / groups];
+      const auto& last = panels[np * (g + 1) / groups - 1];
+      const int64_t c0 = first.first, width = last.first + last.second - c0;
+      tile_rows(a + r0 * K, K, pk + c0 * K, width, init ? init + r0 * N + c0 : nullptr, out + r0 * N + c0,
+                std::min(M, r0 + TILE_ROWS_PER_TASK) - r0, N);
     }
   });
-  return y;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1125,13 +1154,15 @@ int64_t l2_cache_bytes() {
 }
 
 // The 1x1 pass streams its packed weights through once per strip of pixels: with one weight for all images (the
-// gate in t) up to this size; beyond it, a blocked GEMM is faster (C = 256: our pass 1.10x MKL's addmm, C = 512:
-// 0.90x, in-process A/B, batch 8, 2 threads on the Xeon), so there the gated t goes through one GEMM of the backend
+// gate in t) up to this size. Beyond it (C = 512: 1 MB), the gated t of every image goes through one GEMM: on the
+// oneDNN backend tile_gemm, which keeps each thread's half of the weights in its L2 and starts from
+// the residual (1.06-1.09x oneDNN's matmul over a copy of x at 7^2 x 512, AMD EPYC Zen 4, 2 threads, op A/B); on
+// the BLAS backend MKL's (our pass with the rows split measured 0.90x MKL's addmm at C = 512 on the Xeon).
 constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
 
 // The fp32 channels_last Fused-MBConv with C a whole number of vectors. The gate goes into the 1x1 weights, packed
 // per image, or, on maps with H W < C, into t (C H W per image instead of C^2), with the weights packed once (or,
-// beyond PW_SHARED_MAX_BYTES, not packed: one GEMM of the backend over every image's gated t, the residual in out).
+// beyond PW_SHARED_MAX_BYTES, one GEMM over every image's gated t, see above).
 // When there is an image per thread and an image's t fits a core's L2, each task runs one image through
 // every step (dw + GELU rows, channel sums, gate, 1x1 + residual): t, its sums and the weights never leave the
 // core (1.18-1.33x the step-by-step order at 28^2 and 14^2, 1.08x at 56^2 x 64 with a 2 MB L2; in-process A/B,
@@ -1141,8 +1172,9 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
                             const at::Tensor& pw) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, R = w1.size(0);
   const bool gate_t = HW < C;
-  // weights too large for our pass (C = 512: 1 MB) take one GEMM of the backend over all pixels after the gated t
+  // weights too large for our pass (C = 512: 1 MB) take one GEMM over all pixels after the gated t
   const bool pw_gemm = gate_t && static_cast<size_t>(C * C) * sizeof(float) > PW_SHARED_MAX_BYTES;
+  const bool pw_tiled = pw_gemm && tiled_gemm_pays();
   const float* xp = x.data_ptr<float>();  // memory (B, H, W, C)
   const float* wp = w9t.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
@@ -1150,34 +1182,53 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
   const float* pwp = pw.data_ptr<float>();
   at::Tensor out = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
   float* op = out.data_ptr<float>();
-  at::Tensor shared = at::empty({gate_t && !pw_gemm ? C * C : 0}, x.options());  // the ungated weights, packed
-  float* shp = shared.data_ptr<float>();
-  if (gate_t && !pw_gemm) pack_weights_parallel({{pwp, C, C, shp}});
   // an image's t within L2: its x, read twice, comes from L3 (t alone: 1.06-1.09x x and t at 56^2 x 64 with a
   // 1 MB L2 and 32 MB L3, AMD EPYC, op A/B, 40 rounds)
   const int64_t t_bytes = HW * C * static_cast<int64_t>(sizeof(float));
-  if (!pw_gemm && B >= at::get_num_threads() && t_bytes <= l2_cache_bytes()) {
+  const bool per_image = B >= at::get_num_threads() && t_bytes <= l2_cache_bytes();
+  // every image's t: for the GEMM over all of them, or for the step-by-step order
+  at::Tensor t = at::empty({pw_gemm || !per_image ? B * HW * C : 0}, x.options());
+  float* tp = t.data_ptr<float>();
+  // the 1x1 conv of the pixels at off (npix of them) once their t is gated, unless one GEMM runs after (then
+  // only the residual, for its beta = 1, unless the GEMM starts from it)
+  auto pointwise = [&](const float* t_rows, const float* weights, int64_t off, int64_t npix) {
+    if (!pw_gemm)
+      tile_rows(t_rows, C, weights, C, xp + off, op + off, npix);
+    else if (!pw_tiled)
+      std::memcpy(op + off, xp + off, npix * C * sizeof(float));
+  };
+  auto gemm_all = [&] {
+    if (pw_tiled) {
+      tile_gemm(tp, B * HW, C, pwp, C, xp, op);
+    } else {
+      at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({B * HW, C});
+      gemm_nt(t.view({B * HW, C}), pw, out_rows, 1.f);
+    }
+  };
+  at::Tensor shared = at::empty({gate_t && !pw_gemm ? C * C : 0}, x.options());  // the ungated weights, packed
+  float* shp = shared.data_ptr<float>();
+  if (gate_t && !pw_gemm) pack_weights_parallel({{pwp, C, C, shp}});
+  if (per_image) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      Scratch t(HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(gate_t ? 0 : C * C);
+      Scratch t_image(pw_gemm ? 0 : HW * C), rows(H * C), sums(C), hidden(R), gate(C), packed(gate_t ? 0 : C * C);
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t y = 0; y < H; ++y)
-          dw_gelu_row_nhwc(xp, wp, H, W, C, b, y, t.data() + y * W * C, rows.data() + y * C);
+        float* tb = pw_gemm ? tp + b * HW * C : t_image.data();
+        for (int64_t y = 0; y < H; ++y) dw_gelu_row_nhwc(xp, wp, H, W, C, b, y, tb + y * W * C, rows.data() + y * C);
         sum_rows(rows.data(), H, C, sums.data());
         se_gate(sums.data(), HW, w1p, w2p, R, C, hidden.data(), gate.data());
         if (gate_t)
-          gate_rows(t.data(), gate.data(), HW, C);
+          gate_rows(tb, gate.data(), HW, C);
         else
           pack_weight(pwp, gate.data(), C, C, packed.data());
-        tile_rows(t.data(), C, gate_t ? shp : packed.data(), C, xp + b * HW * C, op + b * HW * C, HW);
+        pointwise(tb, gate_t ? shp : packed.data(), b * HW * C, HW);
       }
     });
+    if (pw_gemm) gemm_all();
     return out;
   }
-  at::Tensor t = at::empty({B, HW, C}, x.options());
   at::Tensor rows = at::empty({B, H, C}, x.options());
   at::Tensor gate = at::empty({B, C}, x.options());
   at::Tensor packed = at::empty({gate_t ? 0 : B * C * C}, x.options());
-  float* tp = t.data_ptr<float>();
   float* rp = rows.data_ptr<float>();
   float* gp = gate.data_ptr<float>();
   float* pk = packed.data_ptr<float>();
@@ -1199,16 +1250,10 @@ at::Tensor mbconv_nhwc_fp32(const at::Tensor& x, const at::Tensor& w9t, const at
       const int64_t b = task / tasks_per_image, p0 = task % tasks_per_image * TILE_ROWS_PER_TASK;
       const int64_t npix = std::min(HW, p0 + TILE_ROWS_PER_TASK) - p0, off = (b * HW + p0) * C;
       if (gate_t) gate_rows(tp + off, gp + b * C, npix, C);
-      if (pw_gemm)  // the residual, for the GEMM's beta = 1
-        std::memcpy(op + off, xp + off, npix * C * sizeof(float));
-      else
-        tile_rows(tp + off, C, gate_t ? shp : pk + b * C * C, C, xp + off, op + off, npix);
+      pointwise(tp + off, gate_t ? shp : pk + b * C * C, off, npix);
     }
   });
-  if (pw_gemm) {
-    at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({B * HW, C});
-    gemm_nt(t.view({B * HW, C}), pw, out_rows, 1.f);
-  }
+  if (pw_gemm) gemm_all();
   return out;
 }
 
@@ -1330,29 +1375,24 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
-// On the oneDNN backend of an AVX-512 build, weights up to this size (N a whole number of vectors) take tile_linear:
-// over oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 15-21 rounds, the packing
+// On the oneDNN backend of an AVX-512 build, Linear layers with N a whole number of vectors take tile_gemm: over
+// oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 15-40 rounds, the packing
 // included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.24x at 28^2, at 14^2 1.06-1.26x for the 256 x 256
-// projection and 1.00-1.18x for the 768 x 256 and 256 x 768 ones (three runs); at 7^2, with 1-3 MB of weights,
-// oneDNN's blocking wins (0.62-0.94x; blocking our depth and splitting the columns across threads instead of the
-// rows did not change that, 0.75-0.98x). (The BLAS backend, the Intel default, keeps MKL's sgemm: unmeasured there.)
-constexpr int64_t TILE_LINEAR_MAX_WEIGHT_BYTES = 768 * 1024;
-
-// whether an fp32 weight (N, K) takes the tiled GEMM
-bool tiled_linear(int64_t N, int64_t K) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return gemm_backend() == GemmBackend::onednn && N % VL == 0 &&
-         N * K * static_cast<int64_t>(sizeof(float)) <= TILE_LINEAR_MAX_WEIGHT_BYTES;
-#else
-  return false;
-#endif
-}
+// projection and 1.00-1.18x for the 768 x 256 and 256 x 768 ones (three runs), at 7^2, with 1-3 MB of weights in
+// column groups, 1.03-1.08x (two runs; without the groups, 0.62-0.94x). (The BLAS backend, the Intel default,
+// keeps MKL's sgemm: unmeasured there.)
+bool tiled_linear(int64_t N) { return tiled_gemm_pays() && N % VL == 0; }
 
 // y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   // no input features: a sum of nothing (oneDNN's inner product refuses K = 0)
   if (w.size(1) == 0) return at::zeros({x.size(0), w.size(0)}, x.options());
-  if (tiled_linear(w.size(0), w.size(1))) return tile_linear(x, w);
+  if (tiled_linear(w.size(0))) {
+    at::Tensor xc = x.contiguous(), wc = w.contiguous();
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    tile_gemm(xc.data_ptr<float>(), x.size(0), x.size(1), wc.data_ptr<float>(), w.size(0), nullptr, y.data_ptr<float>());
+    return y;
+  }
   if (gemm_backend() == GemmBackend::onednn && onednn_linear_op()) {
     static const c10::List<std::optional<at::Scalar>> no_scalars;
     return onednn_linear_op()->call(x.contiguous(), w, c10::nullopt, "none", no_scalars, c10::nullopt);
@@ -1558,7 +1598,7 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const c10::op
   check_vector("mlp_residual", "gamma", gamma, c);
   const bool onednn = gemm_backend() == GemmBackend::onednn;
   // tiled: both weights packed once, each block's GEMMs by tile_rows
-  const bool tiled = tiled_linear(hd, c) && tiled_linear(c, hd);
+  const bool tiled = tiled_linear(hd) && tiled_linear(c);
   const int64_t max_blocked = onednn && !tiled ? MLP_BLOCKED_MAX_WEIGHT_BYTES_ONEDNN : MLP_BLOCKED_MAX_WEIGHT_BYTES;
   if (!(onednn || blas_sgemm()) || 2 * c * hd * static_cast<int64_t>(sizeof(float)) > max_blocked)
     return linear_residual(linear_gelu(x, w1, b1), w2, b2, residual, gamma);

@@ -409,12 +409,13 @@ LINEAR_OPS = {"linear": (cpu.linear, F.linear), "linear_gelu": (cpu.linear_gelu,
 
 
 @pytest.mark.parametrize("op", LINEAR_OPS)
-# on oneDNN with AVX-512, weights up to 768 KiB with N a whole number of vectors take the tiled GEMM: 37 x 64 (one
-# ragged task) and 130 x 16 (N = 48: panels of 2 and 1 vectors, tasks of 48 rows and a partial one); the others
-# take oneDNN's (N = 60; 3 MB of weights)
+# on oneDNN with AVX-512, weights with N a whole number of vectors take the tiled GEMM: 37 x 64 (one ragged task),
+# 130 x 16 (N = 48: panels of 2 and 1 vectors, tasks of 48 rows and a partial one), 53 x 400 (1.9 MB of weights:
+# 3 column groups of 6, 7 and 7 panels, the last two with tails) and 2 x 49 x 512 (3 MB: 4 groups of 6 panels); N = 60
+# takes oneDNN's
 @pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((130, 16), True),
-                                        ((2, 49, 512), True)],
-                         ids=["4d_odd", "2d_nobias", "2d_panel_tails", "3d_c512"])
+                                        ((53, 400), True), ((2, 49, 512), True)],
+                         ids=["4d_odd", "2d_nobias", "2d_panel_tails", "2d_column_groups", "3d_c512"])
 def test_linear_ops_forward_and_grad(op, shape, bias, gemm_backend):
     fused, reference = LINEAR_OPS[op]
     k = shape[-1]
@@ -457,11 +458,20 @@ def test_linear_other_dtypes_and_errors():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_mbconv_large_channels_small_map(channels_last, gemm_backend):
-    """C = 512 on a map of H W < C: the gate goes into t and the 1x1 + residual is one GEMM of the backend."""
+    """C = 512 on a map of H W < C: the gate goes into t and the 1x1 + residual is one GEMM over every image's
+    pixels (on oneDNN ours, its output columns in two groups of weights; with 4 threads each group's rows in two
+    chunks). 1 and 2 images (with 2 threads: step by step, then image by image); 1, 2 and 4 threads: the same bits."""
     x, ws = mbconv_inputs(2, 512, 3, 5, channels_last=channels_last)
     with torch.inference_mode():
-        y = torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
-        torch.testing.assert_close(y, ref.fused_mbconv(x, *ws), atol=ATOL32, rtol=RTOL32)
+        results = []
+        for n in (1, 2, 4):
+            with num_threads(n):
+                results.append([torch.ops.gcvit.fused_mbconv_fwd(xb, *ws) for xb in (x[:1], x)])
+        expected = ref.fused_mbconv(x, *ws)
+        for y1, y in results:
+            torch.testing.assert_close(y, expected, atol=ATOL32, rtol=RTOL32)
+            torch.testing.assert_close(y1, expected[:1], atol=ATOL32, rtol=RTOL32)
+            assert torch.equal(y1, results[0][0]) and torch.equal(y, results[0][1])
 
 
 def test_gemm_backend_default_and_choice():
