@@ -30,8 +30,10 @@ Ops given CPU kernels here (schemas defined by the Triton op modules):
   (NCHW and channels_last), SE gate in fp32, gate folded into the 1x1 weights per image (into t on maps with
   H W < C). fp32 channels_last with whole vectors of channels: our register-blocked 1x1 pass starting from the
   residual, and, with an image per thread and an image's t within a core's L2, one task per image through
-  every step (t never leaves the core); otherwise (bf16, ragged C, C = 512) one GEMM of the GEMM backend (below)
-  or MKL's batched GEMM with the residual as its beta=1 input.
+  every step (t never leaves the core); at C = 512 (H W < C) one GEMM over every image's gated t, on oneDNN
+  AVX-512 builds the tiled GEMM below from the residual; NCHW fp32 maps with H W < C go through the channels_last
+  kernel (converted in and out); otherwise (bf16, ragged C) one GEMM of the GEMM backend (below) or MKL's batched
+  GEMM with the residual as its beta=1 input.
 * ``gcvit::fused_mbconv_bwd`` -- explicit PyTorch math (recompute from the inputs).
 
 Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementwise op for each):
@@ -51,9 +53,10 @@ Ops defined here (CPU only, no Triton kernel: a GPU runs cuBLAS and one elementw
   gcvit_tiny's GEMMs at 112-185 GFLOP/s against oneDNN's 194-352 (2 threads, fp32, batch 8), and the fused model
   ran 1.65x faster on oneDNN (in-process A/B; 1.43x before the qkv projection became gcvit::linear). Default: MKL
   on Intel, oneDNN elsewhere on x86; ``GCVIT_CPU_GEMM=blas|onednn`` or :func:`set_gemm_backend` forces one.
-  On the oneDNN backend of an AVX-512 build, Linear weights up to 768 KiB (all of gcvit_tiny's but the 7^2 stage's)
-  run instead on the extension's register-tiled GEMM (the one of Fused-MBConv's 1x1 conv), which measured 1.0-1.26x
-  oneDNN's there (AMD EPYC Zen 4), and the MLP blocks then run on it too (1.21x at 56^2).
+  On the oneDNN backend of an AVX-512 build, Linear layers with N a whole number of vectors run instead on the
+  extension's register-tiled GEMM (the one of Fused-MBConv's 1x1 conv; weights beyond 768 KiB, the 7^2 stage's, in
+  column groups that each fit a core's L2), which measured 1.0-1.26x oneDNN's at gcvit_tiny's shapes (AMD EPYC
+  Zen 4), and the MLP blocks then run on it too (1.21x at 56^2).
 * ``inference_arena()`` -- not an op: a caching CPU allocator (in the extension) that a fused model's CPU
   inference forward allocates from, so each forward reuses the previous one's pages instead of faulting in
   fresh ones (gcvit_tiny b8: 22,600 minor faults per forward -> 0, 1.026-1.045x the model).
