@@ -1284,7 +1284,8 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   const int64_t Cp = round_up(C, VL);
   // fp32 with whole vectors of channels: the channels_last kernel; an NCHW map with H W < C too, converted on the
   // way in and out (over the NCHW path's per-image GEMMs of H W columns: 1.37x at 14^2 x 256 and 1.48x at 7^2 x 512;
-  // on larger maps the two copies cost more, 0.64-0.92x at 112^2-28^2; op A/B, 30 rounds, AMD EPYC Zen 4, 2 threads)
+  // the AVX2 build 1.25x and 1.39x; on larger maps the two copies cost more, 0.64-0.92x at 112^2-28^2; op A/B,
+  // 20-30 rounds, AMD EPYC Zen 4, 2 threads)
   const bool nhwc_fp32 = x.scalar_type() == at::kFloat && Cp == C && (cl || H * W < C);
   if (cl || nhwc_fp32) {
     w9t = at::zeros({9, Cp}, w9.options());
