@@ -223,7 +223,7 @@ def test_mbconv_gradcheck_fp64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_thread_count_invariance(dtype):
     qkv, table, gq, scale = make_attention(3, 21, 14, 36, 3, 7, 7, True, dtype=dtype)
-    x, ws = mbconv_inputs(3, 24, 9, 7, dtype=dtype)  # 189 pixels: 4 tasks of the 1x1 pass per image
+    x, ws = mbconv_inputs(3, 24, 9, 7, dtype=dtype)  # 189 pixels: a partial strip, runs across images
     xl = x.to(memory_format=torch.channels_last)
     # fp32 whole vectors of channels: one image with 2 threads runs step by step, with 1 thread as a whole-image
     # task, with the gate in the 1x1 weights (63 pixels) and in t (15 pixels < 32 channels)
@@ -410,7 +410,7 @@ LINEAR_OPS = {"linear": (cpu.linear, F.linear), "linear_gelu": (cpu.linear_gelu,
 
 @pytest.mark.parametrize("op", LINEAR_OPS)
 # on oneDNN with AVX-512, weights with N a whole number of vectors take the tiled GEMM: 37 x 64 (one ragged task),
-# 130 x 16 (N = 48: panels of 2 and 1 vectors, tasks of 48 rows and a partial one), 53 x 400 (1.9 MB of weights:
+# 130 x 16 (N = 48: panels of 2 and 1 vectors, 130 rows: a partial strip), 53 x 400 (1.9 MB of weights:
 # 3 column groups of 6, 7 and 7 panels, the last two with tails) and 2 x 49 x 512 (3 MB: 4 groups of 6 panels); N = 60
 # takes oneDNN's
 @pytest.mark.parametrize("shape,bias", [((3, 5, 7, 20), True), ((37, 64), False), ((130, 16), True),
@@ -557,8 +557,9 @@ def _mlp_expected(x, w1, b1, w2, b2, residual, g):
     return residual + (y * g if g is not None else y)
 
 
-# C <= 128 runs in L2-sized row blocks (2500 rows: full blocks and a partial one; 256 rows on BLAS and on oneDNN's
-# tiled blocks (AVX-512), 1024 rows and C = 64 only on oneDNN's own GEMMs), C = 256 as two GEMMs
+# C <= 128 runs in L2-sized row blocks (2500 rows: full blocks and a partial one; 256 rows on BLAS, 1024 rows and
+# C = 64 only on oneDNN's own GEMMs; on oneDNN's tiled blocks (AVX-512) each thread's share of the rows, split at a
+# strip, in blocks of 256), C = 256 as two GEMMs; 1 and 2 threads give the same bits
 @pytest.mark.parametrize("shape,hidden,bias,gamma", [((2500, 64), 192, True, False), ((2, 7, 7, 20), 60, False, True),
                                                      ((3, 100, 128), 384, True, True), ((2, 49, 256), 768, True, False)],
                          ids=["c64_blocks", "c20_odd", "c128_blocks", "c256_two_gemms"])
@@ -567,7 +568,10 @@ def test_mlp_residual_forward(shape, hidden, bias, gamma, gemm_backend):
         pytest.skip("no Fortran sgemm_ symbol in this torch build: the row-blocked path is off")
     args = _mlp_inputs(shape, hidden, bias, gamma)
     with torch.inference_mode():
-        y = cpu.mlp_residual(*args)
+        with num_threads(2):
+            y = cpu.mlp_residual(*args)
+        with num_threads(1):
+            assert torch.equal(cpu.mlp_residual(*args), y)
     torch.testing.assert_close(y, _mlp_expected(*args), atol=ATOL32, rtol=RTOL32)
 
 
