@@ -456,13 +456,14 @@ def _eager(x: torch.Tensor) -> bool:
 
 
 def _window_attention_inference_cpu(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
-                                   rel_pos_bias_table: torch.Tensor, global_query: Optional[torch.Tensor],
-                                   num_heads: int, window_h: int, window_w: int, scale: float) -> torch.Tensor:
+                                    rel_pos_bias_table: torch.Tensor, global_query: Optional[torch.Tensor],
+                                    num_heads: int, window_h: int, window_w: int, scale: float) -> torch.Tensor:
     return _attention_fwd_cpu(qkv, rel_pos_bias_table, global_query, num_heads, window_h, window_w, scale, qkv_bias,
                               need_lse=False)[0]
 
 
 _window_attention_inference_op = _cpu_op("window_attention_inference", _window_attention_inference_cpu)
+
 
 @_window_attention_inference_op.register_fake
 def _window_attention_inference_fake(qkv, qkv_bias, rel_pos_bias_table, global_query, num_heads, window_h, window_w,
@@ -630,6 +631,7 @@ def _linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 _linear_op = _cpu_op("linear", _linear_cpu)
 
+
 @_linear_op.register_fake
 def _linear_fake(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -682,6 +684,7 @@ def _linear_gelu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 _linear_gelu_op = _cpu_op("linear_gelu", _linear_gelu_cpu)
+
 
 @_linear_gelu_op.register_fake
 def _linear_gelu_fake(x, weight, bias):
@@ -789,8 +792,8 @@ def _mlp_residual_torch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
 
 
 def _mlp_residual_cpu(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-                     fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], residual: torch.Tensor,
-                     gamma: Optional[torch.Tensor]) -> torch.Tensor:
+                      fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], residual: torch.Tensor,
+                      gamma: Optional[torch.Tensor]) -> torch.Tensor:
     if _use_kernel(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
         c = x.shape[-1]
         y = load().mlp_residual(_rows(x, c), fc1_weight, fc1_bias, fc2_weight, fc2_bias, _rows(residual, c), gamma)
@@ -800,14 +803,15 @@ def _mlp_residual_cpu(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optio
 
 _mlp_residual_op = _cpu_op("mlp_residual", _mlp_residual_cpu)
 
+
 @_mlp_residual_op.register_fake
 def _mlp_residual_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gamma):
     return residual.new_empty(residual.shape)
 
 
 def _linear_residual_layernorm_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                  residual: torch.Tensor, gamma: Optional[torch.Tensor], ln_weight: torch.Tensor,
-                                  ln_bias: Optional[torch.Tensor], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                                   residual: torch.Tensor, gamma: Optional[torch.Tensor], ln_weight: torch.Tensor,
+                                   ln_bias: Optional[torch.Tensor], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     n = weight.shape[0]
     if _use_kernel(x, weight, bias, residual, gamma, ln_weight, ln_bias):
         y, normed = load().linear_residual_layernorm(_rows(x, x.shape[-1]), weight, bias, _rows(residual, n), gamma,
@@ -817,6 +821,7 @@ def _linear_residual_layernorm_cpu(x: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 _linear_residual_layernorm_op = _cpu_op("linear_residual_layernorm", _linear_residual_layernorm_cpu)
+
 
 @_linear_residual_layernorm_op.register_fake
 def _linear_residual_layernorm_fake(x, weight, bias, residual, gamma, ln_weight, ln_bias, eps):
@@ -831,6 +836,7 @@ def _layer_norm_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 _layer_norm_op = _cpu_op("layer_norm", _layer_norm_cpu)
+
 
 @_layer_norm_op.register_fake
 def _layer_norm_fake(x, weight, bias, eps):
