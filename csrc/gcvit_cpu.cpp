@@ -862,9 +862,9 @@ constexpr int64_t TILE_GROUP_MAX_WEIGHT_BYTES = 768 * 1024;
 // out (M, N) = init (M, N) + a (M, K) @ W^T (init null: zero) for W (N, K) as nn.Linear stores it, N a whole number
 // of vectors; multi-threaded. W is packed (in parallel over panels), then tile_rows runs over for_strip_runs of
 // column groups: contiguous runs of panels of up to TILE_GROUP_MAX_WEIGHT_BYTES, group-major, so a thread's run
-// streams one group's weights from its L2 instead of all of them per strip (7^2 x 512, 1 MB in two groups: 1.04-1.08x oneDNN's inner product; 1536 x 512, 3 MB in four: 1.03-1.05x;
-// AMD EPYC Zen 4, 2 threads, 30-40 rounds, two runs). Every element is the same sum in the same order whatever the
-// split.
+// streams one group's weights from its L2 instead of all of them per strip (7^2 x 512, 1 MB in two groups:
+// 1.04-1.08x oneDNN's inner product; 1536 x 512, 3 MB in four: 1.03-1.05x; AMD EPYC Zen 4, 2 threads, 30-40
+// rounds, two runs). Every element is the same sum in the same order whatever the split.
 void tile_gemm(const float* a, int64_t M, int64_t K, const float* w, int64_t N, const float* init, float* out) {
   at::Tensor packed = at::empty({N * K}, at::TensorOptions().dtype(at::kFloat));
   float* pk = packed.data_ptr<float>();
@@ -1281,8 +1281,6 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
               "gcvit cpu fused_mbconv_fwd: pw_weight must be (C, C, 1, 1), got ", pw.sizes());
   if (x.numel() == 0) return x.clone();
   const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor xc = x.contiguous(fmt);
   at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
   at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C}).contiguous();
   at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R}).contiguous();
@@ -1302,6 +1300,8 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
                                     pw.to(at::kFloat).reshape({C, C}).contiguous());
     return cl ? y : y.contiguous();
   }
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor xc = x.contiguous(fmt);
   at::Tensor t = at::empty_like(xc, xc.options(), fmt);
   at::Tensor sums = at::empty({B, C}, x.options().dtype(at::kFloat));
   if (cl) {
@@ -1404,7 +1404,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   if (tiled_linear(w.size(0))) {
     at::Tensor xc = x.contiguous(), wc = w.contiguous();
     at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    tile_gemm(xc.data_ptr<float>(), x.size(0), x.size(1), wc.data_ptr<float>(), w.size(0), nullptr, y.data_ptr<float>());
+    tile_gemm(xc.data_ptr<float>(), x.size(0), x.size(1), wc.data_ptr<float>(), w.size(0), nullptr,
+              y.data_ptr<float>());
     return y;
   }
   if (gemm_backend() == GemmBackend::onednn && onednn_linear_op()) {

@@ -409,7 +409,7 @@ LINEAR_OPS = {"linear": (cpu.linear, F.linear), "linear_gelu": (cpu.linear_gelu,
 
 
 @pytest.mark.parametrize("op", LINEAR_OPS)
-# on oneDNN with AVX-512, weights with N a whole number of vectors take the tiled GEMM: 37 x 64 (one ragged task),
+# on oneDNN with AVX-512, weights with N a whole number of vectors take the tiled GEMM: 37 x 64 (a partial strip),
 # 130 x 16 (N = 48: panels of 2 and 1 vectors, 130 rows: a partial strip), 53 x 400 (1.9 MB of weights:
 # 3 column groups of 6, 7 and 7 panels, the last two with tails) and 2 x 49 x 512 (3 MB: 4 groups of 6 panels); N = 60
 # takes oneDNN's
@@ -459,8 +459,9 @@ def test_linear_other_dtypes_and_errors():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_mbconv_large_channels_small_map(channels_last, gemm_backend):
     """C = 512 on a map of H W < C: the gate goes into t and the 1x1 + residual is one GEMM over every image's
-    pixels (on oneDNN ours, its output columns in two groups of weights; with 4 threads each group's rows in two
-    chunks). 1 and 2 images (with 2 threads: step by step, then image by image); 1, 2 and 4 threads: the same bits."""
+    pixels (on oneDNN ours, its output columns in two groups of weights; with 4 threads the threads' runs of rows
+    split the groups and cross from one to the next). 1 and 2 images (with 2 threads: step by step, then image by
+    image); 1, 2 and 4 threads: the same bits."""
     x, ws = mbconv_inputs(2, 512, 3, 5, channels_last=channels_last)
     with torch.inference_mode():
         results = []
