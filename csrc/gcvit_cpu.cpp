@@ -1312,7 +1312,7 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
               "gcvit cpu fused_mbconv_fwd: pw_weight must be (C, C, 1, 1), got ", pw.sizes());
   if (x.numel() == 0) return x.clone();
   const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
+  const at::Tensor w9 = dw.to(at::kFloat).reshape({C, 9}).contiguous();
   at::Tensor w1 = se_r.to(at::kFloat).reshape({R, C}).contiguous();
   at::Tensor w2 = se_e.to(at::kFloat).reshape({C, R}).contiguous();
   at::Tensor w9t;
@@ -1322,9 +1322,12 @@ at::Tensor fused_mbconv_fwd(const at::Tensor& x, const at::Tensor& dw, const at:
   // the AVX2 build 1.25x and 1.39x; on larger maps the two copies cost more, 0.64-0.92x at 112^2-28^2; op A/B,
   // 20-30 rounds, AMD EPYC Zen 4, 2 threads)
   const bool nhwc_fp32 = x.scalar_type() == at::kFloat && Cp == C && (cl || H * W < C);
-  if (cl || nhwc_fp32) {
-    w9t = at::zeros({9, Cp}, w9.options());
-    w9t.narrow(1, 0, C).copy_(w9.t());
+  if (cl || nhwc_fp32) {  // (9, Cp), zero-padded: a loop, where zeros + a strided copy_ cost tens of us a call
+    w9t = at::empty({9, Cp}, w9.options());
+    const float* src = w9.data_ptr<float>();
+    float* dst = w9t.data_ptr<float>();
+    for (int64_t k = 0; k < 9; ++k)
+      for (int64_t c = 0; c < Cp; ++c) dst[k * Cp + c] = c < C ? src[c * 9 + k] : 0.f;
   }
   if (nhwc_fp32) {
     at::Tensor y = mbconv_nhwc_fp32(x.contiguous(at::MemoryFormat::ChannelsLast), w9t, w1, w2,
