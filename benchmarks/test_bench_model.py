@@ -9,7 +9,8 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
 
 * CPU default (a few minutes on 2 cores): fp32, inference batch 4 and training batch 2 at 224, xxtiny and tiny;
   compiled modes and ONNX Runtime for xxtiny (ONNX Runtime also for tiny), Swin-T/ConvNeXt-T eager in the tiny
-  inference group.
+  inference group, and tiny's fused inference inside ``gcvit.frozen_weights`` (``fused-frozen-weights``: its GEMM
+  weights packed once, as an ONNX Runtime session does, instead of every call).
 * CPU full (``GCVIT_BENCH_FULL=1``, eager cases first): the headline comparison, gcvit tiny fp32 batch 8 224
   inference: reference eager vs fused vs ONNX Runtime vs torch.compile (reference, fused, reference frozen under
   no_grad) vs Swin-T / ConvNeXt-T eager and compiled; ``gemm-floor``, the model's Linear and dense Conv2d layers
@@ -17,13 +18,15 @@ Grids (``CASES``), one *group* per (variant, task, batch, input size, dtype), it
   around the reference's GEMMs) and ``gemm-floor-fused``, the same with the Linear layers on the fused path's
   GEMM backend (the fused path's own floor; it differs where that backend is not MKL, i.e. off Intel); the fused
   path with each GEMM backend forced (``fused-gemm-blas``, ``fused-gemm-onednn``: which one this CPU should
-  default to); and the same batch with weights and input in bf16, reference eager vs fused.
+  default to); ``fused-frozen-weights``; and the same batch with weights and input in bf16, reference eager vs
+  fused.
 * CUDA: bf16, every variant (xxtiny, tiny, small, base) and mode (reference, fused, compile(reference),
   compile(fused)); inference in pure bf16 (weights and input cast to bf16) at batch 64 and 256, training with
   fp32 weights under bf16 autocast at batch 128; Swin-T / ConvNeXt-T eager and compiled in the tiny groups.
 * ``GCVIT_BENCH_TINY=1``: xxtiny at 64x64 with 2x2 windows, batch 1, one round: reference and fused, inference
-  and training, plus the GEMM floor and Swin-T eager (the CI smoke test, tests/test_benchmark_smoke.py); ``GCVIT_BENCH_TINY=all``:
-  the compiled modes and ONNX Runtime too at that shape (the smoke test marked slow).
+  and training, plus frozen weights, the GEMM floor and Swin-T eager (the CI smoke test,
+  tests/test_benchmark_smoke.py); ``GCVIT_BENCH_TINY=all``: the compiled modes and ONNX Runtime too at that shape
+  (the smoke test marked slow).
 
 Interleaving (the machines are noisy): every non-reference case runs its timed rounds alternately with rounds of
 its group's reference eager model (pytest-benchmark's ``setup`` runs the reference round, so pytest-benchmark's
@@ -133,6 +136,7 @@ class Case:
     dtype: str
     window_size: Optional[int] = None  # override (tiny smoke shapes)
     gemm: str = ""  # CPU fused: "" (the default GEMM backend) or a forced one, "blas" / "onednn"
+    frozen: bool = False  # CPU fused inference inside gcvit.frozen_weights (GEMM weights packed once)
 
     @property
     def group(self) -> str:
@@ -145,6 +149,8 @@ class Case:
             return "onnxruntime-reference"
         if self.gemm:
             base = f"{base}-gemm-{self.gemm}"
+        if self.frozen:
+            base = f"{base}-frozen-weights"
         return f"{self.compiled}-{base}" if self.compiled else base
 
     @property
@@ -176,6 +182,8 @@ COMPILED = (("reference", "compile"), ("fused", "compile"))
 CPU_INFER_EXTRA = (("onnxruntime", ""), ("reference", "compile-frozen"))
 # the fused path with each GEMM backend forced, so a run shows which one this CPU should default to
 CPU_GEMMS = (("fused", "", "blas"), ("fused", "", "onednn"))
+# the fused path with its GEMM weights packed once (what an ONNX Runtime session does at creation)
+FROZEN = (("fused", "", "", True),)
 TIMM_EAGER = ((SWIN, ""), (CONVNEXT, ""))
 TIMM_ALL = TIMM_EAGER + ((SWIN, "compile"), (CONVNEXT, "compile"))
 
@@ -187,8 +195,8 @@ def build_cases(settings: Settings) -> List[Case]:
                        window_size=2)
                 + _group("xxtiny", "train", 1, 64, settings.dtype, COMPILED, window_size=2))
     if settings.grid == "tiny":
-        return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER + (("gemm-floor", ""),), ((SWIN, ""),),
-                       window_size=2)
+        return (_group("xxtiny", "infer", 1, 64, settings.dtype, EAGER + FROZEN + (("gemm-floor", ""),),
+                       ((SWIN, ""),), window_size=2)
                 + _group("xxtiny", "train", 1, 64, settings.dtype, EAGER, window_size=2))
     if settings.device == "cuda":
         cases = []
@@ -200,14 +208,14 @@ def build_cases(settings: Settings) -> List[Case]:
         return cases
     if settings.grid == "full":
         cases = _group("tiny", "infer", 8, 224, settings.dtype,
-                       EAGER + (("onnxruntime", ""), ("gemm-floor", ""), ("gemm-floor-fused", "")) + CPU_GEMMS
-                       + COMPILED + (("reference", "compile-frozen"),),
+                       EAGER + FROZEN + (("onnxruntime", ""), ("gemm-floor", ""), ("gemm-floor-fused", ""))
+                       + CPU_GEMMS + COMPILED + (("reference", "compile-frozen"),),
                        TIMM_ALL)
         # a bf16 model on this CPU: the fused path computes in fp32 where the CPU has no native bf16
         cases += _group("tiny", "infer", 8, 224, "bf16", EAGER)
         return sorted(cases, key=lambda c: c.compiled != "")  # eager cases first (stable): cheap before compiles
     return (_group("xxtiny", "infer", 4, 224, settings.dtype, EAGER + COMPILED + CPU_INFER_EXTRA)
-            + _group("tiny", "infer", 4, 224, settings.dtype, EAGER + (("onnxruntime", ""),), TIMM_EAGER)
+            + _group("tiny", "infer", 4, 224, settings.dtype, EAGER + FROZEN + (("onnxruntime", ""),), TIMM_EAGER)
             + _group("xxtiny", "train", 2, 224, settings.dtype, EAGER)
             + _group("tiny", "train", 2, 224, settings.dtype, EAGER))
 
@@ -514,7 +522,15 @@ def reference_runner(case: Case, device: torch.device, settings: Settings, colle
 
 
 def run_case(case: Case, benchmark, collector, settings: Settings = SETTINGS) -> Dict[str, Any]:
-    """Measure ``case`` (interleaved with its group's reference eager rounds) and return its record."""
+    """Measure ``case`` (interleaved with its group's reference eager rounds) and return its record; a frozen
+    case runs inside one gcvit.frozen_weights block (the reference model does not use the C++ ops' GEMMs)."""
+    if case.task == "infer" and case.frozen:
+        with gcvit.frozen_weights():
+            return _run_case(case, benchmark, collector, settings)
+    return _run_case(case, benchmark, collector, settings)
+
+
+def _run_case(case: Case, benchmark, collector, settings: Settings) -> Dict[str, Any]:
     device = profile.parse_device(settings.device)
     collector.device_type = device.type
     collector.settings = {k: v for k, v in asdict(settings).items()}
@@ -522,7 +538,7 @@ def run_case(case: Case, benchmark, collector, settings: Settings = SETTINGS) ->
     record: Dict[str, Any] = dict(id=case.id, group=case.group, variant=case.variant, model=case.model,
                                   mode=case.mode, impl=case.impl, compiled=case.compiled, task=case.task,
                                   batch=case.batch, img_size=case.img_size, window_size=case.window_size,
-                                  dtype=case.dtype, device=device.type,
+                                  dtype=case.dtype, device=device.type, frozen_weights=case.frozen,
                                   precision=settings.infer_precision if case.task == "infer" else settings.train_precision,
                                   measured=False, status="running")
     record["gmacs_per_image"] = gmacs(case) if case.impl != "onnxruntime" else gmacs(case.reference())

@@ -10,13 +10,14 @@ import inspect
 from typing import List, Optional
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .dispatch import frozen_weights
 from .interop import patch_timm, unpatch_timm
 from .model import GlobalContextVit
 from .variants import VARIANTS, Variant, get_variant
 
 __version__ = "0.1.0"
 __all__ = ["GlobalContextVit", "create_model", "list_models", "load_checkpoint", "CheckpointError", "fuse",
-           "get_variant", "Variant", "patch_timm", "unpatch_timm"] + list(VARIANTS)
+           "frozen_weights", "get_variant", "Variant", "patch_timm", "unpatch_timm"] + list(VARIANTS)
 
 _OVERRIDES = set(inspect.signature(GlobalContextVit.__init__).parameters) - {"self", "fused"}
 

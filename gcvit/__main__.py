@@ -1,5 +1,6 @@
 """Command line: ``python -m gcvit list | bench | check``."""
 import argparse
+import contextlib
 import json
 import sys
 
@@ -48,7 +49,10 @@ def cmd_bench(args) -> int:
         x = torch.randn(args.batch, 3, *size, device=device, dtype=param_dtype)
         step = profile.make_step(model, x, args.mode, amp)
         bar = tqdm(total=args.iters, desc=f"{args.model} {impl}", unit="it", leave=False, disable=args.quiet)
-        timing = profile.time_step(step, device, args.batch, args.iters, args.warmup, progress=lambda i: bar.update())
+        frozen = gcvit.frozen_weights() if args.frozen_weights and args.mode == "infer" else contextlib.nullcontext()
+        with frozen:
+            timing = profile.time_step(step, device, args.batch, args.iters, args.warmup,
+                                       progress=lambda i: bar.update())
         bar.close()
         results[impl] = timing.as_dict()
         print(f"{args.model:<8} {impl:<9} {args.mode:<5} {device.type:<4} {args.dtype:<4} batch {args.batch:<4}"
@@ -61,7 +65,8 @@ def cmd_bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, device=str(device), dtype=args.dtype, mode=args.mode,
-                           batch=args.batch, torch=torch.__version__, results=results), f, indent=2)
+                           batch=args.batch, frozen_weights=args.frozen_weights, torch=torch.__version__,
+                           results=results), f, indent=2)
     return 0
 
 
@@ -100,6 +105,8 @@ def main(argv=None) -> int:
     bench.add_argument("--mode", default="infer", choices=["infer", "train"])
     bench.add_argument("--impl", default="both", choices=["reference", "fused", "both"])
     bench.add_argument("--compile", action="store_true", help="torch.compile the model")
+    bench.add_argument("--frozen-weights", action="store_true",
+                       help="inference inside gcvit.frozen_weights(): CPU GEMM weights packed once, not every call")
     bench.add_argument("--iters", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--json", help="also write the numbers to this JSON file")

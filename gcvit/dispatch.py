@@ -284,6 +284,21 @@ def inference_arena(model, x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def frozen_weights():
+    """A context in which fused models' weights are constants (CPU inference with a fixed model): the C++ ops'
+    tiled GEMMs pack each Linear and Fused-MBConv 1x1 weight once, on first use, instead of once a call, and free
+    the packed copies when the outermost block exits (gcvit_kernels.cpu.frozen_weights, whose docstring states
+    what is detected: in-place changes through the weight tensors are; writes through ``param.data`` are not).
+    Without the C++ extension it does nothing.
+
+        >>> with torch.inference_mode(), gcvit.frozen_weights():
+        ...     for batch in loader:
+        ...         logits = model(batch)
+    """
+    cpu, _ = _kernel_module("cpu")
+    return cpu.frozen_weights() if cpu is not None else contextlib.nullcontext()
+
+
 def keeps_channels_last(module, x: torch.Tensor) -> bool:
     """Whether the fused path keeps this NCHW map in channels-last memory: on the CPU its convolutions,
     channels-last LayerNorms and fused kernels then read it without the permute copies timm's NCHW layout costs."""

@@ -89,7 +89,8 @@ def _check_render(path, tmp_path, expected_modes):
     assert (tmp_path / "cli" / (name + ".md")).read_text() == md
 
 
-TINY_MODES = ["reference", "fused", "gemm-floor", "swin_tiny_patch4_window7_224", "reference", "fused"]
+TINY_MODES = ["reference", "fused", "fused-frozen-weights", "gemm-floor", "swin_tiny_patch4_window7_224", "reference",
+              "fused"]
 
 
 def test_benchmark_suite_tiny_shape(tmp_path, monkeypatch):

@@ -26,6 +26,21 @@ def test_bench_reference_and_fused_writes_json(tmp_path, capsys):
         assert results[impl]["images_per_s"] > 0 and results[impl]["iters"] == 2
 
 
+def test_bench_frozen_weights(tmp_path, capsys, monkeypatch):
+    """--frozen-weights times the fused model inside gcvit.frozen_weights and says so in the JSON."""
+    import gcvit
+
+    entered = []
+    real = gcvit.frozen_weights
+    monkeypatch.setattr(gcvit, "frozen_weights", lambda: entered.append(1) or real())
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", "xxtiny", "--img-size", "64", "--batch", "1", "--iters", "2", "--warmup", "1",
+            "--impl", "fused", "--frozen-weights", "--quiet", "--json", str(path)]
+    assert main(argv) == 0
+    data = json.loads(path.read_text())
+    assert entered == [1] and data["frozen_weights"] is True and data["results"]["fused"]["images_per_s"] > 0
+
+
 def test_bench_train_step(capsys):
     argv = ["bench", "--model", "xxtiny", "--img-size", "64", "--batch", "2", "--iters", "1", "--warmup", "0",
             "--mode", "train", "--impl", "reference", "--quiet"]

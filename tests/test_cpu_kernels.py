@@ -475,6 +475,69 @@ def test_mbconv_large_channels_small_map(channels_last, gemm_backend):
             assert torch.equal(y1, results[0][0]) and torch.equal(y, results[0][1])
 
 
+def _frozen_calls():
+    """(weights, call(weights) -> output, index of a GEMM weight, whether packed on every backend) for each op
+    whose GEMM weights frozen_weights keeps: a Linear, the MLP (two weights), the Fused-MBConv with one packed 1x1
+    weight for every image (C = 256 on H W < C: our 1x1 pass on every build and backend) and with one GEMM over
+    every image (C = 512)."""
+    x = torch.randn(53, 256)
+    xm = torch.randn(37, 64)
+    x256, ws256 = mbconv_inputs(2, 256, 5, 5, channels_last=True)
+    x512, ws512 = mbconv_inputs(2, 512, 3, 5, channels_last=True)
+    return {
+        "linear": ([torch.randn(768, 256) * 0.06, torch.randn(768)], lambda w: EXT.linear(x, *w), 0, False),
+        "mlp_fc1": ([torch.randn(256, 64) * 0.1, torch.randn(64, 256) * 0.06],
+                    lambda w: EXT.mlp_residual(xm, w[0], None, w[1], None, xm, None), 0, False),
+        "mlp_fc2": ([torch.randn(256, 64) * 0.1, torch.randn(64, 256) * 0.06],
+                    lambda w: EXT.mlp_residual(xm, w[0], None, w[1], None, xm, None), 1, False),
+        "mbconv_c256": (list(ws256), lambda w: EXT.fused_mbconv_fwd(x256, *w), 3, True),
+        "mbconv_c512": (list(ws512), lambda w: EXT.fused_mbconv_fwd(x512, *w), 3, False),
+    }
+
+
+def _tiled(backend):
+    return EXT.capability() == "AVX512" and backend == "onednn"
+
+
+@pytest.mark.parametrize("name", list(_frozen_calls()))
+def test_frozen_weights_reuse_packing_and_follow_changes(name, gemm_backend):
+    """Inside frozen_weights the tiled GEMMs keep each weight's packed panels (none kept where the GEMMs are not
+    tiled) and give the same bits as outside; a weight changed in place (mul_, copy_) is packed again: the output
+    equals a fresh copy's. The outermost exit frees every kept weight."""
+    weights, call, i, always = _frozen_calls()[name]
+    expected = call(weights)
+    with cpu.frozen_weights():
+        assert torch.equal(call(weights), expected)
+        kept = cpu.frozen_weights_bytes()
+        assert (kept > 0) == (always or _tiled(gemm_backend))
+        assert torch.equal(call(weights), expected) and cpu.frozen_weights_bytes() == kept
+        for change in (lambda w: w.mul_(1.5), lambda w: w.copy_(torch.randn_like(w) * 0.05)):
+            with torch.no_grad():
+                change(weights[i])
+            fresh = call([w.clone() for w in weights])
+            assert not torch.equal(fresh, expected)
+            assert torch.equal(call(weights), fresh)
+    assert cpu.frozen_weights_bytes() == 0
+
+
+def test_frozen_weights_keep_only_the_callers_tensors():
+    """Nothing is kept for weights that are not the caller's own tensors (a non-contiguous weight, copied for the
+    call) or that have no version counter (inference tensors); scopes nest, the outermost exit frees."""
+    x = torch.randn(20, 64)
+    w = torch.randn(128, 64)
+    expected = F.linear(x, w)
+    with cpu.frozen_weights():
+        torch.testing.assert_close(EXT.linear(x, w.t().contiguous().t(), None), expected, atol=ATOL32, rtol=RTOL32)
+        with torch.inference_mode():
+            w_inference = w.clone()
+        torch.testing.assert_close(EXT.linear(x, w_inference, None), expected, atol=ATOL32, rtol=RTOL32)
+        assert cpu.frozen_weights_bytes() == 0
+        with cpu.frozen_weights():
+            EXT.linear(x, w, None)
+        assert cpu.frozen_weights_bytes() == (128 * 64 * 4 if _tiled(cpu.gemm_backend()) else 0)
+    assert cpu.frozen_weights_bytes() == 0
+
+
 def test_gemm_backend_default_and_choice():
     if os.environ.get("GCVIT_CPU_GEMM", "") not in ("", "auto"):
         pytest.skip("GCVIT_CPU_GEMM forces the backend in this run")

@@ -396,3 +396,21 @@ def test_fused_cpu_inference_runs_in_the_arena_with_the_same_outputs(monkeypatch
     monkeypatch.undo()
     assert isinstance(dispatch.inference_arena(model.train(), x), contextlib.nullcontext)
     assert isinstance(dispatch.inference_arena(_small_model().eval(), x), contextlib.nullcontext)
+
+
+@needs_cpu_kernels
+def test_frozen_weights_same_logits_and_follow_a_loaded_state_dict(gemm_backend):
+    """gcvit.frozen_weights keeps the packed GEMM weights across forwards: the same logits as without it; a
+    state_dict loaded inside the block (load_state_dict's in-place copies) gives the loaded model's logits; the
+    packed copies are freed at exit."""
+    model = _small_model(fused=True).eval()
+    other = randomise_(gcvit.create_model("xxtiny", **SMALL, fused=True)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        y, y_other = model(x), other(x)
+        with gcvit.frozen_weights():
+            assert torch.equal(model(x), y) and torch.equal(model(x), y)
+            assert cpu.frozen_weights_bytes() > 0  # at least the Fused-MBConv 1x1 weights (our pass on any backend)
+            model.load_state_dict(other.state_dict())
+            assert torch.equal(model(x), y_other)
+    assert cpu.frozen_weights_bytes() == 0
