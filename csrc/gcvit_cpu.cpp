@@ -951,8 +951,9 @@ std::vector<at::Tensor> packed_weights(std::initializer_list<std::pair<at::Tenso
 // out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each, or ldo apart
 // when it is given; init null: zero), on the calling thread. PrefetchNext: each tile prefetches the out and init
 // lines of the tile one strip below it, for an out that is not in cache (the Fused-MBConv's 1x1 pass: 1.03-1.07x
-// the op at 14^2 x 256, 28^2 x 128 and 56^2 x 64; tile_gemm's Linear layers 1.00-1.02x; the MLP's blocks, whose
-// hidden rows are in L2 already, 0.97-0.98x; op A/B, 60 rounds, AMD EPYC Zen 4, 2 threads, same bits)
+// the op at 14^2 x 256, 28^2 x 128 and 56^2 x 64; tile_gemm's Linear layers 1.21x at 25088 x 64 x {192, 256},
+// 1.10x at 6272 x 128 x 512, 1.03x at 392 x 512 x 2048, 0.99-1.01x at 1568 rows; the MLP's blocks, whose hidden
+// rows are in L2 already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits)
 template <bool PrefetchNext = false>
 inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N, const float* init, float* out,
                       int64_t rows, int64_t ldo = 0) {
@@ -1014,7 +1015,8 @@ void tile_gemm(const float* a, int64_t M, const at::Tensor& w, const at::Tensor&
     const auto& first = panels[np * g / groups];
     const auto& last = panels[np * (g + 1) / groups - 1];
     const int64_t c0 = first.first, width = last.first + last.second - c0;
-    tile_rows(a + r0 * K, K, pk + c0 * K, width, init ? init + r0 * N + c0 : nullptr, out + r0 * N + c0, r1 - r0, N);
+    tile_rows<true>(a + r0 * K, K, pk + c0 * K, width, init ? init + r0 * N + c0 : nullptr, out + r0 * N + c0, r1 - r0,
+                    N);
   });
 }
 
