@@ -953,7 +953,14 @@ std::vector<at::Tensor> packed_weights(std::initializer_list<std::pair<at::Tenso
 // lines of the tile one strip below it, for an out that is not in cache (the Fused-MBConv's 1x1 pass: 1.03-1.07x
 // the op at 14^2 x 256, 28^2 x 128 and 56^2 x 64; tile_gemm's Linear layers 1.21x at 25088 x 64 x {192, 256},
 // 1.10x at 6272 x 128 x 512, 1.03x at 392 x 512 x 2048, 0.99-1.01x at 1568 rows; the MLP's blocks, whose hidden
-// rows are in L2 already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits)
+// rows are in L2 already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits). AVX-512 only
+// (PREFETCH_NEXT_TILE).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool PREFETCH_NEXT_TILE = true;
+#else  // AVX2's 6 x 2-vector tiles: 0.92x the Fused-MBConv at 56^2 x 64 and 14^2 x 128, 1.06x at 28^2 x 128
+constexpr bool PREFETCH_NEXT_TILE = false;
+#endif
+
 template <bool PrefetchNext = false>
 inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N, const float* init, float* out,
                       int64_t rows, int64_t ldo = 0) {
@@ -968,7 +975,7 @@ inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N,
           load_tile(acc, init + p * ldo + j0, ldo);  // starts from init: the add costs nothing
         else
           zero(acc);
-        if constexpr (PrefetchNext) {
+        if constexpr (PrefetchNext && PREFETCH_NEXT_TILE) {
           const int64_t q = p + R, next_rows = std::max<int64_t>(0, std::min<int64_t>(STRIP_ROWS, rows - q));
           fma_block_prefetching(a + p * K, K, packed + j0 * K, JV * VL, K, acc, out + q * ldo + j0,
                                 init ? init + q * ldo + j0 : nullptr, next_rows, ldo);
