@@ -1127,9 +1127,48 @@ inline void gelu_sum_row(float* row, int64_t W, int64_t C, float* row_sums) {
 }
 
 // Row (b, y) of t = gelu(dwconv3x3(x)) for an fp32 channels_last map with C a whole number of vectors (w9t:
-// (9, C)), into trow (W, C), and the row's channel sums into row_sums (C). Two channel vectors per pass (adjacent
-// lines of each pixel) and one FMA chain per kernel row: 1.05-1.09x one vector and one chain of nine at C = 64
-// (in-process A/B, 2 threads), the same at wider C.
+// (9, C)), into trow (W, C), and the row's channel sums into row_sums (C). One channel vector at a time, its nine
+// weights in registers, sliding along the row: each pixel loads only its right-hand column of the (up to) three
+// input rows and reuses the two it shares with the pixel before; the rows above and below the map are left out at
+// compile time (Top / Bottom), so the loop holds no branch but the row's first and last pixel. Each kernel row is
+// one FMA chain, the three summed; the same products and sums as before, so the same bits.
+template <bool Top, bool Bottom>
+inline void dw_row_channels(const float* const (&rowp)[3], const float* wp, int64_t W, int64_t C, float* trow,
+                            float* row_sums, bool split) {
+  constexpr bool present[3] = {Top, true, Bottom};
+  for (int64_t c0 = 0; c0 < C; c0 += VL) {
+    Vec wv[9];
+    for (int k = 0; k < 9; ++k) wv[k] = Vec::loadu(wp + k * C + c0);
+    Vec left[3], mid[3], right[3];
+    for (int ky = 0; ky < 3; ++ky)
+      if (present[ky]) mid[ky] = Vec::loadu(rowp[ky] + c0);
+    Vec vs(0.f);
+    for (int64_t xx = 0; xx < W; ++xx) {
+      const bool has_left = xx > 0, has_right = xx + 1 < W;
+      Vec a[3];
+      for (int ky = 0; ky < 3; ++ky) {
+        a[ky] = Vec(0.f);
+        if (!present[ky]) continue;
+        if (has_right) right[ky] = Vec::loadu(rowp[ky] + (xx + 1) * C + c0);
+        if (has_left) a[ky] = wv[ky * 3] * left[ky];
+        a[ky] = at::vec::fmadd(wv[ky * 3 + 1], mid[ky], a[ky]);
+        if (has_right) a[ky] = at::vec::fmadd(wv[ky * 3 + 2], right[ky], a[ky]);
+        left[ky] = mid[ky];
+        mid[ky] = right[ky];
+      }
+      const Vec conv = a[0] + a[1] + a[2];
+      if (split) {
+        conv.store(trow + xx * C + c0);
+        continue;
+      }
+      const Vec g = gelu_vec(conv);
+      vs = vs + g;
+      g.store(trow + xx * C + c0);
+    }
+    if (!split) vs.store(row_sums + c0);
+  }
+}
+
 inline void dw_gelu_row_nhwc(const float* xp, const float* wp, int64_t H, int64_t W, int64_t C, int64_t b, int64_t y,
                              float* trow, float* row_sums) {
   const bool split = W * C * static_cast<int64_t>(sizeof(float)) <= DW_GELU_SPLIT_MAX_ROW_BYTES;
@@ -1138,41 +1177,14 @@ inline void dw_gelu_row_nhwc(const float* xp, const float* wp, int64_t H, int64_
     const int64_t yy = y + ky - 1;
     rowp[ky] = (yy < 0 || yy >= H) ? nullptr : xp + ((b * H + yy) * W) * C;
   }
-  for_column_blocks(C / VL, [&](auto jv_c, int64_t c0) {
-    constexpr int JV = decltype(jv_c)::value;
-    Vec wv[9][JV];
-    for (int k = 0; k < 9; ++k)
-      for (int v = 0; v < JV; ++v) wv[k][v] = Vec::loadu(wp + k * C + c0 + v * VL);
-    Vec vs[JV];
-    for (int v = 0; v < JV; ++v) vs[v] = Vec(0.f);
-    for (int64_t xx = 0; xx < W; ++xx) {
-      const bool left = xx > 0, right = xx + 1 < W;
-      Vec a[3][JV];
-      for (int ky = 0; ky < 3; ++ky) {
-        for (int v = 0; v < JV; ++v) a[ky][v] = Vec(0.f);
-        const float* r = rowp[ky];
-        if (!r) continue;
-        const float* pc = r + xx * C + c0;
-        for (int v = 0; v < JV; ++v) {
-          if (left) a[ky][v] = wv[ky * 3][v] * Vec::loadu(pc - C + v * VL);
-          a[ky][v] = at::vec::fmadd(wv[ky * 3 + 1][v], Vec::loadu(pc + v * VL), a[ky][v]);
-          if (right) a[ky][v] = at::vec::fmadd(wv[ky * 3 + 2][v], Vec::loadu(pc + C + v * VL), a[ky][v]);
-        }
-      }
-      for (int v = 0; v < JV; ++v) {
-        const Vec conv = a[0][v] + a[1][v] + a[2][v];
-        if (split) {
-          conv.store(trow + xx * C + c0 + v * VL);
-          continue;
-        }
-        const Vec g = gelu_vec(conv);
-        vs[v] = vs[v] + g;
-        g.store(trow + xx * C + c0 + v * VL);
-      }
-    }
-    if (!split)
-      for (int v = 0; v < JV; ++v) vs[v].store(row_sums + c0 + v * VL);
-  });
+  if (rowp[0] && rowp[2])
+    dw_row_channels<true, true>(rowp, wp, W, C, trow, row_sums, split);
+  else if (rowp[0])
+    dw_row_channels<true, false>(rowp, wp, W, C, trow, row_sums, split);
+  else if (rowp[2])
+    dw_row_channels<false, true>(rowp, wp, W, C, trow, row_sums, split);
+  else
+    dw_row_channels<false, false>(rowp, wp, W, C, trow, row_sums, split);
   if (split) gelu_sum_row(trow, W, C, row_sums);
 }
 

@@ -178,8 +178,10 @@ def mbconv_inputs(b, c, h, w, dtype=torch.float32, channels_last=False):
 
 # fp32 channels_last with C a whole number of vectors takes the register-blocked 1x1 pass: 64 channels (even
 # vector count) and 24 (odd: a one-vector column block), pixel counts not multiples of its 6-row strips or tasks;
-# the last two have H W < C (the kernel gates the activations, not the 1x1 weights); a 1x1 map is both layouts
-MB_CASES = [(2, 64, 14, 14), (2, 24, 9, 11), (3, 20, 9, 7), (1, 12, 1, 17), (2, 128, 8, 8), (2, 16, 1, 1)]
+# the last four have H W < C (the kernel gates the activations, not the 1x1 weights); a 1x1 map is both layouts;
+# one-row and one-column maps take the depthwise rows with neither neighbour row or neither neighbour column
+MB_CASES = [(2, 64, 14, 14), (2, 24, 9, 11), (3, 20, 9, 7), (1, 12, 1, 17), (2, 128, 8, 8), (2, 16, 1, 1),
+            (1, 32, 1, 5), (2, 32, 6, 1)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
