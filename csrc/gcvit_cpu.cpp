@@ -849,7 +849,7 @@ template <int R, int JV>
 // straight from the caller's tensor is kept with that tensor and its version counter, and later calls with the same
 // unchanged weight (the same storage, offset, shape and data pointer, and no in-place change since: the version)
 // take the kept panels instead of packing again (a model's forwards then pack each weight once: gcvit_tiny
-// batch 1 1.11x, batch 8 1.04x, in-process A/B, AMD EPYC Zen 4). Writes that bypass the version counter
+// batch 1 1.14x, batch 8 1.05x, in-process A/B, AMD EPYC Zen 4). Writes that bypass the version counter
 // (param.data, numpy views) are the scope's contract not to make. Inference tensors, which have no version
 // counter, and copies made for the call are never kept. The outermost scope's exit drops every entry.
 class FrozenWeights {
@@ -950,8 +950,8 @@ std::vector<at::Tensor> packed_weights(std::initializer_list<std::pair<at::Tenso
 
 // out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each, or ldo apart
 // when it is given; init null: zero), on the calling thread. PrefetchNext: each tile prefetches the out and init
-// lines of the tile one strip below it, for an out that is not in cache (the Fused-MBConv's 1x1 pass: 1.03-1.07x
-// the op at 14^2 x 256, 28^2 x 128 and 56^2 x 64; tile_gemm's Linear layers 1.21x at 25088 x 64 x {192, 256},
+// lines of the tile one strip below it, for an out that is not in cache (the Fused-MBConv's 1x1 pass: 1.02-1.09x
+// the op at 14^2 x 256, 28^2 x 128, 56^2 x 64 and 112^2 x 64; tile_gemm's Linear layers 1.21x at 25088 x 64 x {192, 256},
 // 1.10x at 6272 x 128 x 512, 1.03x at 392 x 512 x 2048, 0.99-1.01x at 1568 rows; the MLP's blocks, whose hidden
 // rows are in L2 already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits). AVX-512 only
 // (PREFETCH_NEXT_TILE).
@@ -1154,7 +1154,7 @@ inline void dw_row_channels(const float* const (&rowp)[3], const float* wp, int6
         a[ky] = at::vec::fmadd(wv[ky * 3 + 1], mid[ky], a[ky]);
         if (has_right) a[ky] = at::vec::fmadd(wv[ky * 3 + 2], right[ky], a[ky]);
         left[ky] = mid[ky];
-        mid[ky] = right[ky];
+        if (has_right) mid[ky] = right[ky];
       }
       const Vec conv = a[0] + a[1] + a[2];
       if (split) {
