@@ -1283,23 +1283,57 @@ inline void gate_rows(float* t, const float* gate, int64_t npix, int64_t C) {
     for (int64_t c = 0; c < C; c += VL) (Vec::loadu(t + p * C + c) * Vec::loadu(gate + c)).store(t + p * C + c);
 }
 
-// sum_i a[i] b[i] in a fixed order (one vector accumulator, then the tail)
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t i = 0;
-  for (; i + VL <= n; i += VL) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float tail = 0.f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, acc) + tail;
+// out[i] = m[i, :] . v for rows rows of n floats (m row-major): VL rows at a time, each its own vector accumulator
+// (independent FMA chains; one dot at a time waited on every FMA), the accumulators' lanes summed through a
+// VL x VL transpose, then each row's tail of n % VL products. A block's missing rows repeat its last row, unstored.
+inline void gemv_rows(const float* m, int64_t rows, int64_t n, const float* v, float* out) {
+  const int64_t nv = n / VL * VL;
+  alignas(64) float lanes[VL * VL];
+  alignas(64) float columns[VL * VL];
+  for (int64_t i0 = 0; i0 < rows; i0 += VL) {
+    const int64_t nr = std::min<int64_t>(VL, rows - i0);
+    const float* row[VL];
+    for (int r = 0; r < VL; ++r) row[r] = m + (i0 + std::min<int64_t>(r, nr - 1)) * n;
+    Vec acc[VL];
+    for (int r = 0; r < VL; ++r) acc[r] = Vec(0.f);
+    for (int64_t k = 0; k < nv; k += VL) {
+      const Vec vk = Vec::loadu(v + k);
+      for (int r = 0; r < VL; ++r) acc[r] = at::vec::fmadd(Vec::loadu(row[r] + k), vk, acc[r]);
+    }
+    for (int r = 0; r < VL; ++r) acc[r].store(lanes + r * VL);
+    at::vec::transpose_mxn<float, VL, VL>(lanes, VL, columns, VL);
+    Vec total = Vec::loadu(columns);
+    for (int l = 1; l < VL; ++l) total = total + Vec::loadu(columns + l * VL);
+    total.store(lanes);
+    for (int64_t r = 0; r < nr; ++r) {
+      float tail = 0.f;
+      for (int64_t k = nv; k < n; ++k) tail += row[r][k] * v[k];
+      out[i0 + r] = lanes[r] + tail;
+    }
+  }
+}
+
+// sigmoid(z) = 1 / (1 + e^-z) for z >= 0 and e^z / (1 + e^z) below, from u = e^-|z| (never overflows; 1 + u >= 1)
+inline Vec sigmoid_vec(const Vec& z) {
+  const Vec u = exp2_nonpositive(z.abs() * Vec(static_cast<float>(-M_LOG2E)));
+  const Vec s = recip_ge1(Vec(1.f) + u);
+  return Vec::blendv(s, u * s, z < Vec(0.f));
 }
 
 // One image's Squeeze-Excite gate from its channel sums of t: gate = sigmoid(W2 gelu(W1 sums / HW)), W1 (R, C),
-// W2 (C, R) row-major; hidden is R floats of scratch
+// W2 (C, R) row-major; hidden is R floats of scratch. Vectorised throughout (the scalar dots and exp / erf took
+// 4% of the Fused-MBConv at 7^2 x 512, 0.065 ms a thread)
 inline void se_gate(const float* sums, int64_t HW, const float* w1, const float* w2, int64_t R, int64_t C,
                     float* hidden, float* gate) {
   const float inv_hw = 1.f / static_cast<float>(HW);
-  for (int64_t r = 0; r < R; ++r) hidden[r] = gelu_scalar(dot(w1 + r * C, sums, C) * inv_hw);
-  for (int64_t c = 0; c < C; ++c) gate[c] = 1.f / (1.f + std::exp(-dot(w2 + c * R, hidden, R)));
+  gemv_rows(w1, R, C, sums, hidden);
+  int64_t r = 0;
+  for (; r + VL <= R; r += VL) gelu_vec(Vec::loadu(hidden + r) * Vec(inv_hw)).store(hidden + r);
+  for (; r < R; ++r) hidden[r] = gelu_scalar(hidden[r] * inv_hw);
+  gemv_rows(w2, C, R, hidden, gate);
+  int64_t c = 0;
+  for (; c + VL <= C; c += VL) sigmoid_vec(Vec::loadu(gate + c)).store(gate + c);
+  for (; c < C; ++c) gate[c] = 1.f / (1.f + std::exp(-gate[c]));
 }
 
 // One image's channel sums of t from its rows' sums (H, C), added in row order
