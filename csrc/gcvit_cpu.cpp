@@ -892,9 +892,9 @@ class FrozenWeights {
   void keep(const at::Tensor& w, const at::Tensor& original, const at::Tensor& packed) {
     std::lock_guard<std::mutex> g(mutex_);
     if (depth_ == 0 || !trackable(w) || !w.storage().is_alias_of(original.storage())) return;
-    auto [it, inserted] = entries_.insert_or_assign(key(w), Entry{w, version(w), packed});
-    if (inserted) bytes_ += packed.numel() * sizeof(float);  // (replaced: the same shape, the same bytes)
-    (void)it;
+    // (a replaced entry has the same shape, so the same bytes)
+    if (entries_.insert_or_assign(key(w), Entry{w, version(w), packed}).second)
+      bytes_ += packed.numel() * sizeof(float);
   }
 
  private:
@@ -950,10 +950,11 @@ std::vector<at::Tensor> packed_weights(std::initializer_list<std::pair<at::Tenso
 
 // out = init + a @ packed^T for rows consecutive rows (a: K floats each, init and out: N floats each, or ldo apart
 // when it is given; init null: zero), on the calling thread. PrefetchNext: each tile prefetches the out and init
-// lines of the tile one strip below it, for an out that is not in cache (the Fused-MBConv's 1x1 pass: 1.02-1.09x
-// the op at 14^2 x 256, 28^2 x 128, 56^2 x 64 and 112^2 x 64; tile_gemm's Linear layers 1.21x at 25088 x 64 x {192, 256},
-// 1.10x at 6272 x 128 x 512, 1.03x at 392 x 512 x 2048, 0.99-1.01x at 1568 rows; the MLP's blocks, whose hidden
-// rows are in L2 already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits). AVX-512 only
+// lines of the tile one strip below it, for an out that is not in cache (tile_gemm's Linear layers 1.21x at
+// 25088 x 64 x {192, 256}, 1.10x at 6272 x 128 x 512, 1.03x at 392 x 512 x 2048, 0.99-1.01x at 1568 rows; the
+// Fused-MBConv's 1x1 pass 1.02-1.09x the op at 14^2-112^2, measured before its per-image path moved to an L1 strip
+// (below), which leaves the prefetch to its step-by-step path; the MLP's blocks, whose hidden rows are in L2
+// already, 0.97-0.98x; op A/B, 40-60 rounds, AMD EPYC Zen 4, 2 threads, same bits). AVX-512 only
 // (PREFETCH_NEXT_TILE).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool PREFETCH_NEXT_TILE = true;

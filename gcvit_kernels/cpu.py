@@ -291,7 +291,7 @@ def frozen_weights():
     """Treat the weights the C++ ops are given as constants while the block runs (inference with a fixed model):
     each Linear and Fused-MBConv 1x1 weight the tiled GEMMs pack into their panel layout is packed once, on first
     use, and reused by every later call inside the block instead of packed again each call (gcvit_tiny batch 1
-    1.11x, batch 8 1.04x on a 2-core AMD EPYC Zen 4). Scopes nest; the packed copies (about the size of those
+    1.14x, batch 8 1.05x on a 2-core AMD EPYC Zen 4). Scopes nest; the packed copies (about the size of those
     weights) are freed when the outermost one exits. Without the extension, or where the GEMMs are not tiled (the
     BLAS backend), this changes nothing.
 
