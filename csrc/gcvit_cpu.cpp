@@ -692,11 +692,20 @@ const LinearPointwiseOp* onednn_linear_op() {
 enum class GemmBackend : int { blas = 0, onednn = 1 };
 
 // (x86 only: elsewhere MKL is absent and ATen's BLAS is what torch.mm runs)
-GemmBackend default_gemm_backend() {
+bool intel_cpu() {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (!__builtin_cpu_is("intel") && onednn_matmul()) return GemmBackend::onednn;
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
 #endif
+}
+
+GemmBackend default_gemm_backend() {
+  if (!intel_cpu() && onednn_matmul()) return GemmBackend::onednn;
   return GemmBackend::blas;
 }
 
@@ -989,11 +998,17 @@ inline void tile_rows(const float* a, int64_t K, const float* packed, int64_t N,
   }
 }
 
-// whether our tiled GEMMs replace the backend's where measured faster: on the oneDNN backend of AVX-512 builds
-// (AVX2's 16 registers hold a 6 x 2-vector tile, which measured no faster than oneDNN: 0.99x at 7^2 x 512)
+// whether our tiled GEMMs replace the backend's where measured faster: on the oneDNN backend of AVX-512 builds,
+// and in AVX2 builds on CPUs other than Intel's. (There oneDNN's matmul refuses an AVX2-only CPU, so MKL's sgemm
+// runs: single-threaded 81-93 GFLOP/s where our 6 x 2-vector tiles ran 90-98 at 1568 x 256 x 256, 392 x 512 x 512 and
+// 6272 x 128 x 512; gcvit_tiny fused 1.04x / 1.07x at batch 8, 1.12x at batch 1; model A/B, 12-30 rounds, an AMD
+// EPYC showing AVX2 only. 4 x 3- and 5 x 2-vector tiles measured 0.96-1.03x the 6 x 2. On oneDNN the AVX2 tile
+// measured 0.99x at 7^2 x 512; MKL on Intel AVX2 CPUs is unmeasured and kept.)
 bool tiled_gemm_pays() {
 #if defined(CPU_CAPABILITY_AVX512)
   return gemm_backend() == GemmBackend::onednn;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return !intel_cpu();
 #else
   return false;
 #endif
@@ -1597,12 +1612,12 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
-// On the oneDNN backend of an AVX-512 build, Linear layers with N a whole number of vectors take tile_gemm: over
-// oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads, AMD EPYC Zen 4, 15-40 rounds, the packing
-// included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.24x at 28^2, at 14^2 1.06-1.26x for the 256 x 256
-// projection and 1.00-1.18x for the 768 x 256 and 256 x 768 ones (three runs), at 7^2, with 1-3 MB of weights in
-// column groups, 1.03-1.08x (two runs; without the groups, 0.62-0.94x). (The BLAS backend, the Intel default,
-// keeps MKL's sgemm: unmeasured there.)
+// Where tiled_gemm_pays (the oneDNN backend of an AVX-512 build; AVX2 builds off Intel CPUs), Linear layers with N a
+// whole number of vectors take tile_gemm: over oneDNN's inner product at gcvit_tiny's shapes (batch 8, 2 threads,
+// AMD EPYC Zen 4, 15-40 rounds, the packing included), 1.04-1.14x at the 56^2 stage (K = 64 / 192), 1.08-1.24x at
+// 28^2, at 14^2 1.06-1.26x for the 256 x 256 projection and 1.00-1.18x for the 768 x 256 and 256 x 768 ones (three
+// runs), at 7^2, with 1-3 MB of weights in column groups, 1.03-1.08x (two runs; without the groups, 0.62-0.94x).
+// (MKL's sgemm on Intel CPUs, the BLAS backend there, is kept: unmeasured against the tiles.)
 bool tiled_linear(int64_t N) { return tiled_gemm_pays() && N % VL == 0; }
 
 // y (M, N) = x @ W^T (beta = 0) by the GEMM backend; multi-threaded
@@ -1795,7 +1810,7 @@ std::tuple<at::Tensor, at::Tensor> linear_residual_layernorm(const at::Tensor& x
 // a full (M, hidden) round trip through memory (measured 1.15-1.3x at gcvit_tiny's 56^2 x 64 and 28^2 x 128
 // stages); larger layers run as linear_gelu then linear_residual (multi-threaded GEMMs, which measured
 // faster there).
-// With tiled weights (tiled_linear: oneDNN backend, AVX-512) the blocks run tile_rows on weights packed once per
+// With tiled weights (tiled_linear: see tiled_gemm_pays) the blocks run tile_rows on weights packed once per
 // call: over the blocks of oneDNN GEMMs below, 1.21x at 56^2 x 64; blocked, 1.09x the two tiled GEMMs at 28^2 x 128
 // (op A/B, 20 rounds, AMD EPYC Zen 4, 2 threads).
 // Otherwise, on oneDNN, only the smallest layers stay blocked: its per-call set-up weighs more on a block's small
