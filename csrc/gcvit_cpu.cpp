@@ -1369,10 +1369,10 @@ int64_t l2_cache_bytes() {
 }
 
 // The 1x1 pass streams its packed weights through once per strip of pixels: with one weight for all images (the
-// gate in t) up to this size. Beyond it (C = 512: 1 MB), the gated t of every image goes through one GEMM: on the
-// oneDNN backend tile_gemm, which keeps each thread's half of the weights in its L2 and starts from
-// the residual (1.06-1.09x oneDNN's matmul over a copy of x at 7^2 x 512, AMD EPYC Zen 4, 2 threads, op A/B); on
-// the BLAS backend MKL's (our pass with the rows split measured 0.90x MKL's addmm at C = 512 on the Xeon).
+// gate in t) up to this size. Beyond it (C = 512: 1 MB), the gated t of every image goes through one GEMM:
+// tile_gemm where tiled_gemm_pays, which keeps each thread's half of the weights in its L2 and starts from
+// the residual (1.06-1.09x oneDNN's matmul over a copy of x at 7^2 x 512, AMD EPYC Zen 4, 2 threads, op A/B);
+// otherwise MKL's (our pass with the rows split measured 0.90x MKL's addmm at C = 512 on the Xeon).
 constexpr size_t PW_SHARED_MAX_BYTES = 512 * 1024;
 
 // The fp32 channels_last Fused-MBConv with C a whole number of vectors. The gate goes into the 1x1 weights, packed
