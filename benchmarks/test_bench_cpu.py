@@ -9,6 +9,13 @@ Each case times, interleaved in the same run:
   mask + window reverse (the global query repeated per window, as an SDPA user would),
 * ``pw_floor`` (MBConv only): the reference's 1x1 conv alone on the same map, the GEMM every implementation
   keeps; ``ceiling_ref`` = ref / pw_floor bounds the speed-up of any fusion of the rest.
+* ``fma_floor`` (MBConv only): the 1x1 conv's FLOPs as register FMAs at this machine's peak (the extension's
+  ``fma_peak_gflops`` op), the time no implementation of the block can beat. Timed in the same rounds, so it sees
+  the same phase of the machine: ``ceiling_peak`` = ratio_ref / ratio_fma_floor (ref over fma_floor, each
+  paired with ours round by round), the most any implementation can gain over the reference in this run (its
+  1x1 GEMM at the FMA peak, everything else free);
+  ``*_pct_peak`` = fma_floor / each time; ``goal_needs_pct_peak`` = 1.5 / ceiling_peak, the fraction of the peak
+  the whole block must run at (as its 1x1 GEMM's rate) for the 1.5x goal.
 Three measures go into ``extra_info``: wall clock with the default thread count over 25 interleaved rounds
 (``*_ms`` medians; ``ratio_*`` the median of each round's ratio, so the VM's drift within a run cancels, and
 ``*_faults`` the minor page faults per call); the same with every callable allocating from the extension's caching
@@ -18,7 +25,8 @@ run, none in the next, and 2.3x the time), which the arena, as in the fused mode
 and, because this machine is shared and wall clock is noisy under load, single-thread CPU time minima over 5
 rounds (``*_cpu1t_ms``, ``ratio_*_cpu1t``), which contention does not inflate.
 Goals (brief): attention >= 2x ref and >= 1.3x SDPA; MBConv >= 1.5x ref. ``goal_met`` (``_arena``, ``_cpu1t``)
-records it.
+records it. ``test_bench_fused_mbconv_model_calls`` times the 11 Fused-MBConv calls of one gcvit_tiny forward
+(every shape as often as the model runs it) as one sequence: what the fused block gives the model.
 The block-epilogue ops (linear_gelu, mlp_residual, linear_residual_layernorm) have no goal of their own; they
 are timed against the reference ops they replace.
 """
@@ -38,8 +46,10 @@ pytestmark = pytest.mark.skipif(EXT is None, reason=f"C++ CPU extension unavaila
 BATCH = 8
 # gcvit_tiny: (map, C, heads, window) per stage
 ATTN_STAGES = [(56, 64, 2, 7), (28, 128, 4, 7), (14, 256, 8, 14), (7, 512, 16, 7)]
-# every Fused-MBConv of gcvit_tiny at 224: (C, map); the model feeds them channels_last maps
-MBCONV_SHAPES = [(64, 112), (64, 56), (64, 28), (64, 14), (128, 28), (128, 14), (256, 14), (512, 7)]
+# every Fused-MBConv of gcvit_tiny at 224: (C, map): how many calls of a forward; the model feeds them channels_last
+MBCONV_CALLS = {(64, 112): 1, (64, 56): 2, (64, 28): 1, (64, 14): 1, (128, 28): 2, (128, 14): 1, (256, 14): 2,
+                (512, 7): 1}
+MBCONV_SHAPES = list(MBCONV_CALLS)
 # the token maps of the four stages: (map, C)
 TOKEN_STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
@@ -148,29 +158,62 @@ def test_bench_window_attention(benchmark, stage, is_global):
         info[f"goal_met{suffix}"] = info[f"ratio_ref{suffix}"] >= 2.0 and info[f"ratio_sdpa{suffix}"] >= 1.3
 
 
+def mbconv_inputs(c, hw, channels_last=True):
+    """x (BATCH, c, hw, hw) and the block's weights (dw, SE reduce, SE expand, 1x1), scaled like a trained block's"""
+    x = torch.randn(BATCH, c, hw, hw)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, (torch.randn(c, 1, 3, 3) * 0.3, torch.randn(c // 4, c, 1, 1) * c ** -0.5,
+               torch.randn(c, c // 4, 1, 1) * (c // 4) ** -0.5, torch.randn(c, c, 1, 1) * c ** -0.5)
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("shape", MBCONV_SHAPES, ids=lambda s: f"C{s[0]}_map{s[1]}")
 def test_bench_fused_mbconv(benchmark, shape, channels_last):
     c, hw = shape
     if not channels_last and shape not in ((64, 56), (256, 14)):
         pytest.skip("NCHW timed at two shapes only (the model feeds channels_last maps)")
-    x = torch.randn(BATCH, c, hw, hw)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    ws = (torch.randn(c, 1, 3, 3) * 0.3, torch.randn(c // 4, c, 1, 1) * c ** -0.5,
-          torch.randn(c, c // 4, 1, 1) * (c // 4) ** -0.5, torch.randn(c, c, 1, 1) * c ** -0.5)
+    x, ws = mbconv_inputs(c, hw, channels_last)
 
     def ours():
         return torch.ops.gcvit.fused_mbconv_fwd(x, *ws)
 
+    gemm_flops = 2 * BATCH * hw * hw * c * c
     with torch.inference_mode():
         torch.testing.assert_close(ours(), ref.fused_mbconv(x, *ws), atol=2e-5, rtol=2e-5)
         compare(benchmark, [("ours", ours), ("ref", lambda: ref.fused_mbconv(x, *ws)),
-                            ("pw_floor", lambda: F.conv2d(x, ws[3]))])
+                            ("pw_floor", lambda: F.conv2d(x, ws[3])),
+                            ("fma_floor", lambda: EXT.fma_peak_gflops(gemm_flops))])
     info = benchmark.extra_info
     # any fusion that keeps the reference's 1x1 conv GEMM is at most this much faster than the reference
     info["ceiling_ref"] = round(info["ref_ms"] / info["pw_floor_ms"], 3)
     info["ceiling_ref_cpu1t"] = round(info["ref_cpu1t_ms"] / info["pw_floor_cpu1t_ms"], 3)
+    # the roofline: any implementation at most this much faster than the reference (paired round by round)
+    info["ceiling_peak"] = round(info["ratio_ref"] / info["ratio_fma_floor"], 3)
+    info["fma_peak_gflops"] = round(gemm_flops / info["fma_floor_ms"] * 1e-6, 1)
+    for name in ("ours", "ref", "pw_floor"):
+        info[f"{name}_pct_peak"] = round(100 * info["fma_floor_ms"] / info[f"{name}_ms"], 1)
+    info["goal_needs_pct_peak"] = round(100 * 1.5 / info["ceiling_peak"], 1)
+    for suffix in ("", "_arena", "_cpu1t"):
+        info[f"goal_met{suffix}"] = info[f"ratio_ref{suffix}"] >= 1.5
+
+
+def test_bench_fused_mbconv_model_calls(benchmark):
+    """The 11 Fused-MBConv calls of a gcvit_tiny forward at 224 (batch 8, channels_last), each shape as often as
+    the model runs it, as one sequence: ours vs the reference subgraph."""
+    cases = [mbconv_inputs(c, hw) for (c, hw), n in MBCONV_CALLS.items() for _ in range(n)]
+
+    def ours():
+        return [torch.ops.gcvit.fused_mbconv_fwd(x, *ws) for x, ws in cases]
+
+    def reference():
+        return [ref.fused_mbconv(x, *ws) for x, ws in cases]
+
+    with torch.inference_mode():
+        for got, want in zip(ours(), reference()):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        compare(benchmark, [("ours", ours), ("ref", reference)], rounds=15, cpu_rounds=3)
+    info = benchmark.extra_info
     for suffix in ("", "_arena", "_cpu1t"):
         info[f"goal_met{suffix}"] = info[f"ratio_ref{suffix}"] >= 1.5
 

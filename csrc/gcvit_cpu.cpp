@@ -36,6 +36,7 @@
 
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -2004,6 +2005,39 @@ class InferenceArena final : public c10::Allocator {
 
 int64_t vec_size() { return VL; }
 
+// This machine's FMA peak over the parallel region's threads, in GFLOP/s, measured on `flops` floating-point
+// operations split evenly over the threads: each runs FMA_PEAK_CHAINS independent chains of register FMAs (more
+// than an FMA's latency times the FMA ports of any x86 core, so the ports never wait); all threads' FLOPs over the
+// region's wall time. The roofline the op benchmarks hold the GEMM-bound Fused-MBConv against
+// (benchmarks/test_bench_cpu.py times it on the 1x1 conv's FLOPs beside the op): no kernel computes faster.
+constexpr int FMA_PEAK_CHAINS = 12;
+
+double fma_peak_gflops(int64_t flops) {
+  TORCH_CHECK(flops > 0, "gcvit cpu fma_peak_gflops: flops must be positive, got ", flops);
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_round = 2 * VL * FMA_PEAK_CHAINS * threads;
+  const int64_t iterations = (flops + per_round - 1) / per_round;
+  std::vector<float> sink(threads);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      Vec acc[FMA_PEAK_CHAINS];
+      unroll<FMA_PEAK_CHAINS>([&](auto c) FORCE_INLINE { acc[c] = Vec(1.f + 1e-3f * c); });
+      const Vec mul(0.9999999f), add(1e-7f);
+      for (int64_t it = 0; it < iterations; ++it)
+        unroll<FMA_PEAK_CHAINS>([&](auto c) FORCE_INLINE { acc[c] = at::vec::fmadd(acc[c], mul, add); });
+      Vec total(0.f);
+      unroll<FMA_PEAK_CHAINS>([&](auto c) FORCE_INLINE { total = total + acc[c]; });
+      alignas(64) float lanes[VL];
+      total.store(lanes);
+      sink[i] = lanes[0];  // the chains' results are used, so the loop is not dropped
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  TORCH_CHECK(std::isfinite(sink[0]), "gcvit cpu fma_peak_gflops: the FMA chains overflowed");
+  return static_cast<double>(per_round) * static_cast<double>(iterations) / seconds * 1e-9;
+}
+
 std::string capability() {
 #if defined(CPU_CAPABILITY_AVX512)
   return "AVX512";
@@ -2040,4 +2074,5 @@ TORCH_LIBRARY(gcvit_cpu, m) {
   m.def("frozen_weights_exit", []() { FrozenWeights::get().exit(); });
   m.def("frozen_weights_bytes", []() { return FrozenWeights::get().bytes(); });
   m.def("vec_size", &vec_size);
+  m.def("fma_peak_gflops", &fma_peak_gflops);
 }

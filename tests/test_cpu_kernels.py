@@ -724,3 +724,30 @@ def test_fused_block_ops_bad_inputs_raise():
         EXT.layer_norm(x.double(), torch.randn(8), None, 1e-5)
     with pytest.raises(RuntimeError, match="weight"):
         EXT.layer_norm(x, torch.randn(5), None, 1e-5)
+
+
+def test_fma_peak_is_a_roofline_for_the_tiled_gemm():
+    """The benchmarks' FMA peak probe counts its FLOPs right: no GEMM computes faster than it (best of 5,
+    interleaved, so both see the same phase of the machine), and it is a finite rate."""
+    import time
+
+    a, w = torch.randn(1536, 256), torch.randn(256, 256)
+    flops = 2 * a.shape[0] * w.shape[0] * w.shape[1]
+    with torch.inference_mode():
+        torch.ops.gcvit_cpu.linear(a, w, None)
+        gemm, peak = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.ops.gcvit_cpu.linear(a, w, None)
+            gemm.append(flops / (time.perf_counter() - t0) * 1e-9)
+            peak.append(EXT.fma_peak_gflops(flops))
+    assert all(0 < p < float("inf") for p in peak)
+    assert max(peak) >= 0.9 * max(gemm), (peak, gemm)
+    assert cpu.fma_peak_gflops(0.01) > 0
+
+
+def test_fma_peak_bad_inputs_raise():
+    with pytest.raises(RuntimeError, match="flops must be positive"):
+        EXT.fma_peak_gflops(0)
+    with pytest.raises(ValueError, match="seconds must be positive"):
+        cpu.fma_peak_gflops(0.0)
