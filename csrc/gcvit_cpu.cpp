@@ -902,22 +902,26 @@ inline std::vector<std::pair<int64_t, int64_t>> weight_panels(int64_t N) {
 }
 #endif
 
+// dst[i, j] = src[j, i] (times scale[i] when scale is given) for a VL x VL block
+inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                            const float* scale = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512)
+  transpose_16x16(src, ld_src, dst, ld_dst, scale);
+#else
+  at::vec::transpose_mxn<float, VL, VL>(src, ld_src, dst, ld_dst);
+  if (scale)
+    for (int64_t i = 0; i < VL; ++i) (Vec::loadu(dst + i * ld_dst) * Vec(scale[i])).store(dst + i * ld_dst);
+#endif
+}
+
 // panel (j0, width) of packed: (w * gate)[j0 + jj, k] at j0 * K + k * width + jj (w: (N, K) contiguous)
 // (VL x VL register transposes, the gate on each transposed row; the same products as one at a time)
 inline void pack_panel(const float* w, const float* gate, int64_t K, float* packed, int64_t j0, int64_t width) {
   float* panel = packed + j0 * K;
   const int64_t kv = K / VL * VL;
   for (int64_t jj = 0; jj < width; jj += VL)
-    for (int64_t k = 0; k < kv; k += VL) {
-#if defined(CPU_CAPABILITY_AVX512)
-      transpose_16x16(w + (j0 + jj) * K + k, K, panel + k * width + jj, width, gate ? gate + k : nullptr);
-#else
-      at::vec::transpose_mxn<float, VL, VL>(w + (j0 + jj) * K + k, K, panel + k * width + jj, width);
-      if (gate)
-        for (int64_t i = 0; i < VL; ++i)
-          (Vec::loadu(panel + (k + i) * width + jj) * Vec(gate[k + i])).store(panel + (k + i) * width + jj);
-#endif
-    }
+    for (int64_t k = 0; k < kv; k += VL)
+      transpose_block(w + (j0 + jj) * K + k, K, panel + k * width + jj, width, gate ? gate + k : nullptr);
   for (int64_t k = kv; k < K; ++k)
     for (int64_t jj = 0; jj < width; ++jj) panel[k * width + jj] = w[(j0 + jj) * K + k] * (gate ? gate[k] : 1.f);
 }
@@ -1449,7 +1453,7 @@ inline void gemv_rows(const float* m, int64_t rows, int64_t n, const float* v, f
       for (int r = 0; r < VL; ++r) acc[r] = at::vec::fmadd(Vec::loadu(row[r] + k), vk, acc[r]);
     }
     for (int r = 0; r < VL; ++r) acc[r].store(lanes + r * VL);
-    at::vec::transpose_mxn<float, VL, VL>(lanes, VL, columns, VL);
+    transpose_block(lanes, VL, columns, VL);
     Vec total = Vec::loadu(columns);
     for (int l = 1; l < VL; ++l) total = total + Vec::loadu(columns + l * VL);
     total.store(lanes);
