@@ -156,16 +156,17 @@ inline Vec recip_ge1(const Vec& d) {
 }
 
 // Exact-erf GELU on vectors, GELU(x) = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)): a functor a loop builds once, so
-// that on AVX-512 its table stays in registers.
-#if defined(CPU_CAPABILITY_AVX512)
-// AVX-512: Phi from the lower tail Q(z) = Phi(-z) = erfc(z / sqrt 2) / 2 at z = |x| (Phi(x) = 1 - Q for x >= 0, Q
-// below): on each interval i / 2 <= z < (i + 1) / 2 of z < 8 a polynomial of degree GELU_DEGREE in u = 2 z - i, each
-// coefficient picked for every lane by one permute of a 16-float register. 6 permutes, 5 FMAs and a few cheap ops:
-// 14.5 cycles a vector against the erf formula's 22.4 (hot loop, AMD EPYC Zen 4), and as accurate (Q within 3.1e-8
-// before fp32 rounding; the erf's error is 7.5e-8). Q = 0 from z >= 8 (Q(8) = 6e-16), so GELU(-inf) = -inf * 0 = NaN
-// as the reference's; a NaN stays NaN.
-constexpr int GELU_DEGREE = 5;
-constexpr int GELU_INTERVALS = 16;  // a permute picks among 16 lanes
+// that on AVX-512 and AVX2 its table stays in registers.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Phi from the lower tail Q(z) = Phi(-z) = erfc(z / sqrt 2) / 2 at z = |x| (Phi(x) = 1 - Q for x >= 0, Q below): on
+// each of VL intervals of z < 8 (width 1/2 on AVX-512, 1 on AVX2) a polynomial of degree GELU_DEGREE in the
+// interval's coordinate u in [0, 1), each coefficient picked for every lane by one permute of a register holding it
+// for all intervals. AVX-512: 6 permutes and 5 FMAs, 14.5 cycles a vector against the erf formula's 22.4; AVX2: 8
+// and 7, 12.1 cycles against 20.1-20.5 (hot loops, AMD EPYC Zen 4). As accurate: Q within 3.1e-8 (AVX-512) and
+// 3.4e-8 (AVX2) before fp32 rounding, where the erf's error is 7.5e-8. Q = 0 from z >= 8 (Q(8) = 6e-16), so
+// GELU(-inf) = -inf * 0 = NaN as the reference's; a NaN stays NaN.
+constexpr int GELU_INTERVALS = VL;  // a permute picks among the vector's lanes
+constexpr int GELU_DEGREE = VL == 16 ? 5 : 7;
 
 // the coefficients, interval by interval: the polynomial through Q at the GELU_DEGREE + 1 Chebyshev nodes of the
 // interval, its monomial coefficients solved for in long double
@@ -174,13 +175,14 @@ struct GeluTable {
 
   GeluTable() {
     constexpr int n = GELU_DEGREE + 1;
+    constexpr long double width = 8.0L / GELU_INTERVALS;
     for (int i = 0; i < GELU_INTERVALS; ++i) {
       long double a[n][n + 1];  // the Vandermonde system [u_j^k | Q(z_j)]
       for (int j = 0; j < n; ++j) {
         const long double u = 0.5L - 0.5L * std::cos((2 * j + 1) * static_cast<long double>(M_PI) / (2 * n));
         long double power = 1;
         for (int k = 0; k < n; ++k, power *= u) a[j][k] = power;
-        a[j][n] = std::erfc((i + u) / 2 / std::sqrt(2.0L)) / 2;
+        a[j][n] = std::erfc((i + u) * width / std::sqrt(2.0L)) / 2;
       }
       for (int c = 0; c < n; ++c) {  // Gauss-Jordan elimination with partial pivoting
         int pivot = c;
@@ -202,28 +204,43 @@ class GeluVec {
  public:
   GeluVec() {
     static const GeluTable table;
-    for (int k = 0; k <= GELU_DEGREE; ++k) coef_[k] = _mm512_load_ps(table.coef[k]);
+    for (int k = 0; k <= GELU_DEGREE; ++k) coef_[k] = Vec::loadu(table.coef[k]);
   }
 
+#if defined(CPU_CAPABILITY_AVX512)
   Vec operator()(const Vec& x) const {
     const __m512 z = _mm512_abs_ps(x);
-    // 2 z, its interval i (NaN: the last) and u = 2 z - i
+    // z in interval units, its interval i (NaN: the last) and u
     const __m512 y = _mm512_min_ps(_mm512_add_ps(z, z), _mm512_set1_ps(GELU_INTERVALS - 0.5f));
     const __m512 interval = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 u = _mm512_sub_ps(y, interval);
     const __m512i i = _mm512_cvttps_epi32(interval);
     __m512 q = _mm512_permutexvar_ps(i, coef_[GELU_DEGREE]);
     for (int k = GELU_DEGREE - 1; k >= 0; --k) q = _mm512_fmadd_ps(q, u, _mm512_permutexvar_ps(i, coef_[k]));
-    q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_set1_ps(GELU_INTERVALS / 2), _CMP_LT_OQ), q);
+    q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_set1_ps(8.f), _CMP_LT_OQ), q);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     return Vec(_mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), q), negative, q)));
   }
+#else
+  Vec operator()(const Vec& x) const {
+    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+    const __m256 y = _mm256_min_ps(z, _mm256_set1_ps(GELU_INTERVALS - 0.5f));  // intervals of width 1
+    const __m256 interval = _mm256_round_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256 u = _mm256_sub_ps(y, interval);
+    const __m256i i = _mm256_cvttps_epi32(interval);
+    __m256 q = _mm256_permutevar8x32_ps(coef_[GELU_DEGREE], i);
+    for (int k = GELU_DEGREE - 1; k >= 0; --k) q = _mm256_fmadd_ps(q, u, _mm256_permutevar8x32_ps(coef_[k], i));
+    q = _mm256_and_ps(q, _mm256_cmp_ps(z, _mm256_set1_ps(8.f), _CMP_LT_OQ));
+    const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return Vec(_mm256_mul_ps(x, _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), q), q, negative)));
+  }
+#endif
 
  private:
-  __m512 coef_[GELU_DEGREE + 1];
+  Vec coef_[GELU_DEGREE + 1];
 };
 #else
-// Elsewhere: x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, the
+// The generic build: x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, the
 // formula ATen's own vectorised erf uses): with u = |x| / sqrt 2 and t = 1 / (1 + p u), 1 - erf(u) = poly(t) t
 // exp(-u^2). The constants fold 1 / sqrt 2, the 1/2 and log2(e) (exp2_nonpositive), so h = (1 - erf(u)) / 2
 // and Phi(x) = 1 - h for x >= 0, h below.
