@@ -102,7 +102,6 @@ import math
 import os
 import sys
 import threading
-import time
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -328,21 +327,6 @@ def arena_empty_cache() -> None:
     ext = load()
     if ext is not None:
         ext.arena_empty_cache()
-
-
-def fma_peak_gflops(seconds: float = 0.1) -> Optional[float]:
-    """This machine's FMA peak in GFLOP/s over torch's threads, measured now (each thread runs independent chains
-    of register FMAs at the extension's vector width for about ``seconds``; the best of three): the roofline that
-    GEMM-bound kernels are held against in the benchmarks. None without the extension."""
-    if not seconds > 0:
-        raise ValueError(f"fma_peak_gflops: seconds must be positive, got {seconds}")
-    ext = load()
-    if ext is None:
-        return None
-    probe = 10 ** 8
-    rate = ext.fma_peak_gflops(probe)  # also wakes the threads
-    flops = max(probe, int(seconds * rate * 1e9))
-    return max(ext.fma_peak_gflops(flops) for _ in range(3))
 
 
 def available() -> bool:

@@ -745,14 +745,11 @@ def test_fma_peak_is_a_roofline_for_the_tiled_gemm():
             peak.append(EXT.fma_peak_gflops(flops))
     assert all(0 < p < float("inf") for p in peak)
     assert max(peak) >= 0.9 * max(gemm), (peak, gemm)
-    assert cpu.fma_peak_gflops(0.01) > 0
 
 
 def test_fma_peak_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="flops must be positive"):
         EXT.fma_peak_gflops(0)
-    with pytest.raises(ValueError, match="seconds must be positive"):
-        cpu.fma_peak_gflops(0.0)
 
 
 def check_gelu(ext):
