@@ -89,11 +89,12 @@ inline void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the GELU's -x^2 log2(e) / 2).
+// 2^x for x <= 0 (the softmax's scores in log2 units minus their row maximum; the generic build's GELU's
+// -x^2 log2(e) / 2).
 // x = n + r with n = round(x), |r| <= 1/2; 2^r by Cephes exp2f's degree-6 polynomial (about 1 ulp), 2^n put in
 // the exponent bits (AVX2: x clamped at -126 first so n fits them; AVX-512's vscalefps needs no clamp: 1.00-1.04x).
 // Below EXP2_FLUSH, -inf included, the result is 0 (a NaN stays NaN): next to the row maximum's 1 such a weight is
-// invisible, padded keys get exactly 0, and the GELU's tail (r t 2^x, r t < 1/8) never becomes a subnormal (with
+// invisible, padded keys get exactly 0, and the erf GELU's tail (r t 2^x, r t < 1/8) never becomes a subnormal (with
 // 2^-126 there, the GELU of x < -13 was one): subnormal operands cost a microcode assist per operation on Intel
 // cores, in our passes and in the MKL GEMM a GELU output feeds. (No speed change on ordinary inputs, in-process
 // A/B; a synthetic case with subnormal SE gates ran its 1x1 GEMM 3x slower.)
@@ -140,9 +141,9 @@ inline Vec exp2_nonpositive(const Vec& x) {
 #endif
 }
 
-// 1 / d for d >= 1 (the erf GELU's 1 + p |x|, the sigmoid's 1 + e^-|z|): the approximate reciprocal (14 bits on AVX-512, 12 on AVX2) and one
-// Newton step, r (2 - d r), which leaves it within an ulp or two of the division, whose latency sits on the GELU's
-// dependency chain (with the two-pass row of dw_gelu_row_nhwc: below)
+// 1 / d for d >= 1 (the sigmoid's 1 + e^-|z|, the generic build's erf GELU's 1 + p |x|): the approximate reciprocal
+// (14 bits on AVX-512, 12 on AVX2) and one Newton step, r (2 - d r), which leaves it within an ulp or two of the
+// division, whose latency sat on the erf GELU's dependency chain
 inline Vec recip_ge1(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 r0 = _mm512_rcp14_ps(d);
@@ -1241,11 +1242,12 @@ void dw_gelu_pool_nchw(const at::Tensor& x, const at::Tensor& w9, at::Tensor& t,
 }
 
 // Rows of up to this size take the GELU in a second pass over the row while it is in L1: its vectors are
-// independent, so their long dependency chains (reciprocal, polynomial, exp2) overlap four at a time. With the
-// reciprocal above, over the one-pass row with a division (Fused-MBConv, in-process A/B, AMD EPYC, 2 threads, 60
+// independent, so their long dependency chains overlap four at a time. Measured with the erf formula (reciprocal,
+// polynomial, exp2), over the one-pass row with a division (Fused-MBConv, in-process A/B, AMD EPYC, 2 threads, 60
 // rounds, two runs): 1.06-1.12x at 28^2 x 128, 1.02-1.09x at 56^2 x 64, 1.15-1.59x (noisy) at 14^2 x 256,
 // 1.01-1.04x at 14^2 x 128 and 7^2 x 512; the 28 KB rows of 112^2 x 64 measured 0.92x split, so they keep the
-// GELU in the dw pass. Both orders give the same bits.
+// GELU in the dw pass. With the AVX-512 table GELU never splitting measured 0.99-1.01x (op A/B, AMD EPYC Zen 4),
+// so the rule stays. Both orders give the same bits.
 constexpr int64_t DW_GELU_SPLIT_MAX_ROW_BYTES = 16 * 1024;
 
 // row = gelu(row) for W pixels of C floats and the row's channel sums into row_sums (each summed over x in order)
